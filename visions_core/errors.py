@@ -43,3 +43,7 @@ class ItemNotFoundError(VisionsError):
 
 class UnsafePathError(VisionsError):
     """A path or upload would escape the folder it was confined to."""
+
+
+class DatasetNotFoundError(VisionsError):
+    """The dataset folder to read does not exist or is not a folder."""
