@@ -9,6 +9,7 @@ from pages.common import (
     data_dir,
     data_roots,
     index_path,
+    indexes_dir,
     run_build,
     show_error,
     show_report,
@@ -46,7 +47,9 @@ if source == UPLOAD:
 else:
     roots = data_roots()
     root = Path(st.selectbox("Data root", [str(r) for r in roots], key="root"))
-    folders = [ROOT_FOLDER, *list_folders(root)] if root.is_dir() else [ROOT_FOLDER]
+    stored = indexes_dir().resolve()
+    found = list_folders(root) if root.is_dir() else []
+    folders = [ROOT_FOLDER, *(f for f in found if not (root / f).resolve().is_relative_to(stored))]
     picked = st.selectbox("Folder", folders, key="folder")
     typed = st.text_input("…or a path relative to the root", key="folder_text").strip()
     relative = typed or ("" if picked == ROOT_FOLDER else picked)
@@ -118,6 +121,8 @@ if st.button("Build index", type="primary", icon=":material/construction:", key=
             folder = confine(root, relative)
             if not folder.is_dir():
                 raise VisionsError(f"{relative or root} is not a folder under {root}")
+            if folder.is_relative_to(indexes_dir().resolve()):
+                raise VisionsError("that folder holds the app's indexes, not a dataset")
             count_files(folder, limit=limits.max_files)
         st.caption(f"Indexing `{folder}`")
         run_build(folder, name, layout=layout, recursive=recursive, bucket_size=int(bucket_size), mode=mode)

@@ -224,7 +224,7 @@ def show_report(report: BuildReport) -> None:
     if report.skipped:
         st.caption("Skipped files and why")
         table = pd.DataFrame([{"path": s.path, "reason": s.reason} for s in report.skipped])
-        st.dataframe(table, hide_index=True, width="stretch", key="skipped_table")
+        st.dataframe(table, hide_index=True, width="stretch")
 
 
 # -- query parameters --------------------------------------------------------------------------------------

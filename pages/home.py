@@ -39,23 +39,32 @@ if indexes:
             for i in indexes
         ]
     )
-    st.dataframe(table, hide_index=True, width="stretch", key="index_table")
+    st.dataframe(table, hide_index=True, width="stretch")
 else:
     st.info("No index yet. Try the demo dataset above, or build one from your own files on **Build index**.")
 
 
-def card_rows(card: dict, prefix: str = "") -> list[dict[str, str]]:
-    """Flatten the model card into (field, value) rows for a compact table."""
-    rows: list[dict[str, str]] = []
-    for key, value in card.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            rows += card_rows(value, f"{name}.")
-        elif isinstance(value, list | tuple):
-            rows.append({"field": name, "value": ", ".join(map(str, value))})
-        else:
-            rows.append({"field": name, "value": str(value)})
-    return rows
+def describe(value: object) -> str:
+    """A compact one-line rendering of a model card entry."""
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {describe(v)}" for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return ", ".join(map(describe, value))
+    return str(value)
+
+
+def quality_table(card: dict) -> pd.DataFrame | None:
+    """Dev-split recall at 1/5/10 in both directions, when the card records them."""
+    dev = card.get("dev")
+    names = {"i2t": "image → text", "t2i": "text → image"}
+    if not isinstance(dev, dict):
+        return None
+    rows = [
+        {"direction": names[d], **{f"R@{k[1:]}": dev[d].get(k) for k in ("r1", "r5", "r10")}}
+        for d in names
+        if isinstance(dev.get(d), dict)
+    ]
+    return pd.DataFrame(rows) if rows else None
 
 
 st.subheader("Model")
@@ -64,6 +73,14 @@ try:
 except VisionsError as exc:
     show_error(exc)
 else:
+    card = embedder.card
     st.markdown(f"Aligner **{embedder.aligner_id}**, {embedder.dim}-dimensional shared space.")
-    with st.expander("Model card", expanded=False):
-        st.dataframe(pd.DataFrame(card_rows(embedder.card)), hide_index=True, width="stretch")
+    for key, title in (("encoders", "Encoders"), ("data", "Trained on"), ("date", "Date")):
+        if key in card:
+            st.markdown(f"**{title}:** {describe(card[key])}")
+    quality = quality_table(card)
+    if quality is not None:
+        st.caption("Retrieval quality on the Flickr8k dev split (recall, %)")
+        st.dataframe(quality, hide_index=True)
+    with st.expander("Full model card"):
+        st.json(card, expanded=False)

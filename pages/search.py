@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pandas as pd
 import streamlit as st
+from streamlit.runtime.uploaded_file_manager import UploadedFile
 
 from pages.common import (
     ViewParams,
@@ -77,17 +78,24 @@ def view_of(query: dict | None) -> ViewParams:
     return ViewParams(**base)
 
 
-def remember_image(upload: object) -> tuple[str, str]:
+def remember_image(upload: UploadedFile) -> tuple[str, str]:
     """Keep an uploaded query image in the session (by content hash) so the trail can return to it."""
     data = upload.getvalue()
     key = hashlib.blake2b(data, digest_size=8).hexdigest()
-    st.session_state.query_images[key] = data
+    in_trail = {q.get("key") for q in st.session_state.trail}
+    images = st.session_state.query_images
+    for old in [k for k in images if k not in in_trail]:
+        del images[old]
+    images[key] = data
     return key, upload.name
 
 
 # -- the URL decides the view when it was changed from outside (a shared link, a fresh tab) ------------------
 
 view = read_view_params()
+# Streamlit forgets widget values while another page is shown; "search_kept" brings them back.
+for key, value in st.session_state.get("search_kept", {}).items():
+    st.session_state.setdefault(key, value)
 if st.session_state.get("index_select") not in indexes:
     st.session_state.index_select = next(iter(indexes))
 st.session_state.setdefault("top_n", 12)
@@ -105,12 +113,14 @@ if dict(st.query_params) != st.session_state.get("url_written"):
         push({"kind": "item", "item": view.item})
     elif view.q:
         push({"kind": "text", "text": view.q})
+        st.session_state.query_text = view.q
 
 top = st.columns([3, 1])
 name = top[0].selectbox(
     "Index", list(indexes), key="index_select", format_func=lambda n: f"{n} ({indexes[n].items} items)"
 )
 top_n = top[1].slider("Results", 1, 100, key="top_n")
+st.session_state.search_kept = {"index_select": name, "top_n": top_n}
 if st.session_state.trail_index != name:
     st.session_state.trail = []
     st.session_state.trail_index = name

@@ -1,6 +1,7 @@
 """The Streamlit app, page by page, through AppTest with the real models and the bundled demo dataset."""
 
 import io
+import re
 import zipfile
 from pathlib import Path
 
@@ -82,13 +83,15 @@ def test_the_demo_button_builds_the_whole_demo_and_opens_search(demo_app, demo_i
     for folder in item_folders:
         has_img, has_text = (folder / "img").is_dir(), (folder / "text").is_dir()
         assert kinds[folder.name] == ("mixed" if has_img and has_text else "image" if has_img else "text")
-    assert any("demo" in m.value and f"{len(item_folders)} items" in m.value for m in at.sidebar.markdown)
+    # AppTest keeps the entry point's sidebar only on the default page, so look at it from Home.
+    sidebar = new_app().sidebar.markdown
+    assert any("demo" in m.value and f"{len(item_folders)} items" in m.value for m in sidebar)
 
 
 def test_the_home_page_lists_the_demo_index_and_the_model(demo_app, demo_index, embedder):
     at = new_app()
     no_failure(at)
-    table = at.dataframe(key="index_table").value
+    table = at.dataframe[0].value
     assert table.loc[0, "index"] == "demo" and table.loc[0, "items"] == len(demo_index)
     assert any(embedder.aligner_id in m.value for m in at.markdown)
 
@@ -121,6 +124,7 @@ def test_an_item_query_lists_its_neighbours_without_itself(demo_app, demo_index,
 
 def test_clicking_a_result_makes_it_the_query_and_back_returns(demo_app, demo_index, embedder):
     at = open_page("search", index="demo", q="a rocket launch")
+    assert at.text_input(key="query_text").value == "a rocket launch"
     first = result_ids(at)
     clicked = first[1]
     at.button(key=f"go_{clicked}").click().run()
@@ -223,7 +227,8 @@ def test_uploaded_files_build_an_index_and_skipped_files_are_listed(fresh_data):
     no_failure(at)
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Added"] == "2" and metrics["Skipped"] == "1"
-    skipped = at.dataframe(key="skipped_table").value
+    assert at.get("progress")[-1].proto.text.startswith("Done: 2 added")
+    skipped = at.dataframe[0].value
     assert list(skipped["path"]) == ["empty.txt"]
     uploads = list((fresh_data / "uploads").iterdir())
     assert len(uploads) == 1 and sorted(p.name for p in uploads[0].iterdir()) == [
@@ -296,3 +301,19 @@ def test_server_folders_are_confined_to_the_data_roots(fresh_data, tmp_path, mon
     no_failure(at)
     with FlatIndex.open(fresh_data / "indexes" / "texts") as index:
         assert [r["path"] for r in index.records()] == ["a.txt"]
+
+
+def test_build_progress_shows_counts_rate_and_eta():
+    from pages.common import progress_reporter
+
+    class Bar:
+        def progress(self, value, text):
+            self.value, self.text = value, text
+
+    bar = Bar()
+    report = progress_reporter(bar)
+    report(5, 20)
+    assert bar.value == 0.25
+    assert re.fullmatch(r"5/20 items · [\d.]+ items/s · ETA \d+ s", bar.text)
+    report(0, 0)
+    assert bar.value == 1.0

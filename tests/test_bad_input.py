@@ -19,6 +19,9 @@ from visions_core.build import build_index
 from visions_core.errors import DatasetNotFoundError, UnreadableItemError
 from visions_core.readers import Item, Skipped, load_item, scan
 
+# The corpus holds decompression bombs on purpose; Pillow's warning about them is expected noise here.
+pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+
 LONG_TEXT = "A dog runs along the beach. " * 40_000  # ~1.1 MB, far past the text model's limit
 
 
@@ -275,6 +278,8 @@ NAME = st.text(
 ).filter(lambda n: n not in (".", "..") and len(n.encode()) < 200)
 
 
+# Random bytes make Pillow warn about corrupt metadata (a UserWarning) before it gives up: expected here.
+@pytest.mark.filterwarnings("ignore::UserWarning")
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     files=st.dictionaries(

@@ -1,4 +1,4 @@
-"""build_index: every item embedded once with its metadata, exact search over many buckets, append and rebuild."""
+"""build_index: each item embedded once with metadata, exact search over many buckets, append, rebuild."""
 
 import numpy as np
 import pytest
@@ -111,7 +111,7 @@ def test_append_is_idempotent_and_adds_only_new_files(generated_dataset, embedde
 
 def test_rebuild_starts_over_and_create_refuses_an_existing_index(generated_dataset, embedder):
     build_index(generated_dataset, embedder)
-    with pytest.raises(IndexExistsError, match="append to it .* or rebuild it"):
+    with pytest.raises(IndexExistsError, match=r"append to it .* or rebuild it"):
         build_index(generated_dataset, embedder)
     (generated_dataset / "dog.txt").unlink()
     (generated_dataset / "img_00.png").unlink()

@@ -80,9 +80,10 @@ def wait_for_new_results(page, before: list[str]) -> list[str]:
     """Poll until the result grid shows a full set of captions different from `before`."""
     deadline = time.monotonic() + SLOW_MS / 1000
     while time.monotonic() < deadline:
-        now = result_captions(page)
+        running = page.locator('[data-testid="stStatusWidgetRunningIcon"]').count()
         stale = page.locator('[data-stale="true"]').count()
-        if now and now != before and not stale:
+        now = result_captions(page)
+        if now and now != before and not running and not stale:
             return now
         page.wait_for_timeout(300)
     raise AssertionError(f"the results did not change from {before}")
@@ -104,12 +105,12 @@ def test_demo_text_query_then_a_click_walks_to_new_results(app_url, tmp_path):
             page.get_by_label("Describe what you are looking for").fill("a rocket launch into the sky")
             page.get_by_test_id("stBaseButton-secondaryFormSubmit").click()
             first = wait_for_new_results(page, [])
-            assert "q=a+rocket+launch" in page.url or "q=a%20rocket%20launch" in page.url
+            page.wait_for_url(re.compile(r"[?&]q=a(\+|%20)rocket"), timeout=SLOW_MS)
             page.screenshot(path=tmp_path / "text_query.png", full_page=True)
 
             page.get_by_role("button", name="Explore from here").nth(1).click()
             second = wait_for_new_results(page, first)
-            assert re.search(r"[?&]item=\d+", page.url)
+            page.wait_for_url(re.compile(r"[?&]item=\d+"), timeout=SLOW_MS)
             assert second != first
             shot = tmp_path / "walk.png"
             page.screenshot(path=shot, full_page=False)

@@ -1,14 +1,18 @@
-"""FlatIndex: exact search across buckets, stored vectors and records, refusals, append, rebuild, lock, roots."""
+"""FlatIndex: exact search over buckets, stored vectors, records, refusals, append, rebuild, lock, roots."""
 
 import os
 import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from visions_core.errors import (
     IndexExistsError,
@@ -72,6 +76,25 @@ def test_search_returns_the_brute_force_top_n_over_all_buckets(tmp_path, bucket_
         assert index.search(vecs[item_id], n=1)[0].id == item_id
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    bucket_size=st.integers(1, 9),
+    count=st.integers(0, 40),
+    n=st.integers(1, 45),
+    seed=st.integers(0, 2**16),
+    exclude=st.sets(st.integers(-2, 45), max_size=6),
+)
+def test_any_bucket_size_count_and_exclusion_matches_brute_force(bucket_size, count, n, seed, exclude):
+    with tempfile.TemporaryDirectory() as tmp:
+        index, vecs = build(Path(tmp), count, bucket_size, seed=seed)
+        with index:
+            queries = unit_vectors(3, seed=seed + 1)
+            batch = index.search(queries, n=n, exclude_ids=exclude)
+            valid = tuple(i for i in exclude if 0 <= i < count)
+            for query, results in zip(queries, batch, strict=True):
+                assert [r.id for r in results] == brute_force(vecs, query, n, valid)[0]
+
+
 def test_batch_search_equals_one_search_per_query(tmp_path):
     index, vecs = build(tmp_path, 23, bucket_size=4)
     queries = unit_vectors(5, seed=7)
@@ -82,6 +105,16 @@ def test_batch_search_equals_one_search_per_query(tmp_path):
         single = index.search(query, n=6)
         assert [r.id for r in results] == [r.id for r in single]
         np.testing.assert_allclose([r.score for r in results], [r.score for r in single], atol=1e-6)
+
+
+def test_threads_sharing_one_handle_get_exact_answers(tmp_path):
+    writer, vecs = build(tmp_path, 30, bucket_size=4)
+    writer.close()
+    reader = FlatIndex.open(tmp_path / "index")
+    queries = unit_vectors(40, seed=11)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        answers = list(pool.map(lambda q: [r.id for r in reader.search(q, n=7)], queries))
+    assert answers == [brute_force(vecs, q, 7)[0] for q in queries]
 
 
 def test_search_results_are_typed_and_best_first(tmp_path):
@@ -186,6 +219,34 @@ def test_another_format_version_is_refused_and_rebuild_replaces_it(tmp_path):
     with FlatIndex.create(tmp_path / "index", dim=DIM, aligner_id="a", overwrite=True) as index:
         assert len(index) == 0
     assert len(FlatIndex.open(tmp_path / "index")) == 0
+
+
+def test_a_damaged_database_is_reported_and_can_be_rebuilt(tmp_path):
+    build(tmp_path, 3)[0].close()
+    db = tmp_path / "index" / "index.db"
+    for suffix in ("-wal", "-shm"):
+        Path(f"{db}{suffix}").unlink(missing_ok=True)
+    db.write_bytes(b"this is not an SQLite database" * 100)
+    assert FlatIndex.exists(tmp_path / "index")
+    with pytest.raises(IndexFormatError, match="damaged"):
+        FlatIndex.open(tmp_path / "index")
+    with pytest.raises(IndexExistsError):
+        FlatIndex.create(tmp_path / "index", dim=DIM, aligner_id="a")
+    with FlatIndex.create(tmp_path / "index", dim=DIM, aligner_id="a", overwrite=True) as index:
+        index.add(unit_vectors(2), [{"path": "a"}, {"path": "b"}])
+    assert len(FlatIndex.open(tmp_path / "index")) == 2
+
+
+def test_a_create_killed_before_its_first_commit_leaves_no_index(tmp_path):
+    (tmp_path / "index").mkdir()
+    db = sqlite3.connect(tmp_path / "index" / "index.db")
+    db.execute("PRAGMA journal_mode=WAL")
+    db.close()
+    assert not FlatIndex.exists(tmp_path / "index")
+    with pytest.raises(IndexNotFoundError):
+        FlatIndex.open(tmp_path / "index")
+    with FlatIndex.create(tmp_path / "index", dim=DIM, aligner_id="a") as index:
+        assert len(index) == 0
 
 
 def test_missing_index_is_reported(tmp_path):
@@ -300,7 +361,10 @@ def test_second_writer_process_fails_fast_and_the_lock_dies_with_its_holder(tmp_
 
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     holder = subprocess.Popen(
-        [sys.executable, "-c", LOCK_HOLDER, str(tmp_path / "index")], stdout=subprocess.PIPE, text=True, env=env
+        [sys.executable, "-c", LOCK_HOLDER, str(tmp_path / "index")],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
     )
     try:
         assert holder.stdout.readline().strip() == "holding"
@@ -338,7 +402,9 @@ def test_data_root_inside_paths_and_moving_the_folder(tmp_path):
 
 
 def test_data_root_outside_the_index_is_kept_absolute(tmp_path):
-    with FlatIndex.create(tmp_path / "indexes" / "one", dim=DIM, aligner_id="a", data_root=tmp_path / "d") as ix:
+    with FlatIndex.create(
+        tmp_path / "indexes" / "one", dim=DIM, aligner_id="a", data_root=tmp_path / "d"
+    ) as ix:
         assert ix.data_root == tmp_path / "d"
     assert FlatIndex.open(tmp_path / "indexes" / "one").resolve("a.jpg") == tmp_path / "d" / "a.jpg"
     with FlatIndex.create(tmp_path / "plain", dim=DIM, aligner_id="a") as index:

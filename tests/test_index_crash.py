@@ -1,4 +1,4 @@
-"""FlatIndex under SIGKILL and concurrent readers: every crash leaves an index that opens, agrees and resumes."""
+"""FlatIndex under SIGKILL and concurrent readers: a crash leaves an index that opens, agrees and resumes."""
 
 import os
 import random
@@ -26,14 +26,16 @@ import sys, time
 import numpy as np
 from visions_core.index import FlatIndex
 
-path, mode, total, batch, pause = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
+path, mode = sys.argv[1], sys.argv[2]
+total, batch, dim, bucket = (int(a) for a in sys.argv[3:7])
+pause = float(sys.argv[7])
 
 def vector(i):
-    return np.random.default_rng(i).standard_normal(%(dim)d).astype(np.float32)
+    return np.random.default_rng(i).standard_normal(dim).astype(np.float32)
 
 print("started", flush=True)
 if mode == "rebuild" or not FlatIndex.exists(path):
-    index = FlatIndex.create(path, dim=%(dim)d, aligner_id="crash", bucket_size=%(bucket)d, overwrite=True)
+    index = FlatIndex.create(path, dim=dim, aligner_id="crash", bucket_size=bucket, overwrite=True)
 else:
     index = FlatIndex.open(path, writable=True)
 done = index.paths()
@@ -41,12 +43,13 @@ todo = [i for i in range(total) if f"items/{i}.txt" not in done]
 print("writing", flush=True)
 for start in range(0, len(todo), batch):
     chunk = todo[start:start + batch]
-    index.add(np.stack([vector(i) for i in chunk]), [{"path": f"items/{i}.txt", "kind": "text"} for i in chunk])
+    records = [{"path": f"items/{i}.txt", "kind": "text"} for i in chunk]
+    index.add(np.stack([vector(i) for i in chunk]), records)
     if pause:
         time.sleep(pause)
 index.close()
 print("done", flush=True)
-""" % {"dim": DIM, "bucket": BUCKET}
+"""
 
 
 def expected_vector(i: int) -> np.ndarray:
@@ -58,7 +61,7 @@ def expected_vector(i: int) -> np.ndarray:
 def start_writer(path: Path, mode: str = "append", total: int = TOTAL, batch: int = 3, pause: float = 0.0):
     """Launch the writer script in its own interpreter."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
-    args = [sys.executable, "-c", WRITER, str(path), mode, str(total), str(batch), str(pause)]
+    args = [sys.executable, "-c", WRITER, str(path), mode, *map(str, (total, batch, DIM, BUCKET, pause))]
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 

@@ -108,6 +108,21 @@ def test_uploads_over_the_size_limit_are_refused_and_removed(tmp_path):
     assert tree(dest) == []
 
 
+def test_a_refused_upload_into_an_existing_folder_keeps_the_earlier_files(tmp_path):
+    dest = new_upload_dir(tmp_path)
+    save_uploads([("first.txt", io.BytesIO(b"kept"))], dest, LIMITS)
+    with pytest.raises(UploadLimitError):
+        save_uploads([("a.txt", io.BytesIO(b"x")), ("big.txt", io.BytesIO(b"y" * 20_000))], dest, LIMITS)
+    assert tree(dest) == ["first.txt"]
+
+
+def test_a_zip_is_only_unpacked_into_an_empty_folder(tmp_path):
+    (tmp_path / "old.txt").write_text("old")
+    with pytest.raises(VisionsError, match="not empty"):
+        extract_zip(io.BytesIO(make_zip({"a.txt": b"a"})), tmp_path, LIMITS)
+    assert tree(tmp_path) == ["old.txt"]
+
+
 def test_uploads_over_the_file_count_limit_are_refused(tmp_path):
     dest = new_upload_dir(tmp_path)
     files = [(f"{i}.txt", io.BytesIO(b"t")) for i in range(6)]

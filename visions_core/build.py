@@ -48,8 +48,9 @@ class BuildReport:
 
     @property
     def reason_counts(self) -> dict[str, int]:
-        """How many files were skipped per reason (details after ':' or '(' folded together), most first."""
-        return dict(Counter(reason_category(s.reason) for s in self.skipped).most_common())
+        """Files skipped per reason (details after ':' or '(' folded), most first, then by name."""
+        counts = Counter(reason_category(s.reason) for s in self.skipped)
+        return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 @dataclass
@@ -142,6 +143,8 @@ def build_index(
         if batch:
             report.added += _commit(index, embedder, batch, strategy)
             tick(len(batch))
+    # Worker threads finish out of order; a sorted list reads the same on every run.
+    report.skipped.sort(key=lambda s: s.path)
     report.seconds = time.perf_counter() - started
     return report
 

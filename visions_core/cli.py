@@ -152,7 +152,7 @@ def _run_build(args: argparse.Namespace) -> int:
     from visions_core.embedder import load_embedder
 
     embedder = load_embedder()
-    with tqdm(unit="item", desc="indexing", dynamic_ncols=True, file=sys.stderr) as bar:
+    with tqdm(unit=" items", desc="indexing", dynamic_ncols=True, file=sys.stderr) as bar:
 
         def progress(done: int, total: int) -> None:
             bar.total = max(total, done)
@@ -212,15 +212,13 @@ def _run_infer(args: argparse.Namespace) -> int:
     from visions_core.index import FlatIndex
 
     with FlatIndex.open(args.index_path) as index:
-        exclude: set[int] = set()
         if args.query_index_id is not None:
-            vector = index.get_vector(args.query_index_id)
-            exclude.add(args.query_index_id)
+            # The stored vector is the query: no model to load.
+            vector, self_id = index.get_vector(args.query_index_id), args.query_index_id
         else:
             vector, self_id = _embed_query(args, index)
-            if self_id is not None:
-                exclude.add(self_id)
-        results = index.search(vector, args.n, exclude_ids=exclude if args.exclude_self else ())
+        exclude = [self_id] if args.exclude_self and self_id is not None else []
+        results = index.search(vector, args.n, exclude_ids=exclude)
     for r in results:
         print(f"{_printable(r.path)} {r.score:.4f}")
     if args.json:
@@ -235,13 +233,12 @@ def _embed_query(args: argparse.Namespace, index: FlatIndex) -> tuple[Any, int |
     """The query vector for --query_text / --query_path, and the id of the query item if it is indexed."""
     from visions_core import readers
     from visions_core.embedder import load_embedder
+    from visions_core.search import Searcher
 
     embedder = load_embedder()
-    index.check_compatible(aligner_id=embedder.aligner_id, dim=embedder.dim)
+    searcher = Searcher(embedder, index)
     if args.query_text is not None:
-        if not args.query_text.strip():
-            raise VisionsError("the query text is empty")
-        return embedder.embed_texts([args.query_text])[0], None
+        return searcher.text_vector(args.query_text), None
     loaded = readers.load_item(readers.item_at(args.query_path))
     vector = embedder.embed_item(loaded.images, loaded.texts)
     return vector, _indexed_id(index, args.query_path)

@@ -32,8 +32,9 @@ from visions_core.errors import (
 from visions_core.vectors import Matrix, Vector
 
 FORMAT_VERSION = 1
-# Measured by benchmarks/bench_index.py (see docs in that file): 16,384-row buckets scan within a few percent
-# of one in-RAM matrix product, while 512-row buckets pay per-call overhead on every bucket.
+# Measured with benchmarks/bench_index.py at 1M x 512 (top-10, one thread, busy 2-core box): 512-row
+# buckets took 2.3x one in-RAM numpy scan (per-bucket overhead, re-mapping), 4,096 and 16,384 rows 0.65x
+# (cache-sized products), 65,536 rows 0.71x. 16,384 keeps files and open maps few (64 per million rows).
 DEFAULT_BUCKET_SIZE = 16384
 # Scores of this many (query, row) pairs are computed before one partial sort keeps the best n: few sorts
 # for a single query over many buckets, bounded memory for a large batch.
@@ -42,6 +43,7 @@ SCORE_BUFFER = 1 << 22
 MAX_CACHED_MAPS = 256
 SNIPPET_CHARS = 200
 
+DAMAGED = -1  # the format version reported for a metadata database that cannot be read
 DB_NAME = "index.db"
 LOCK_NAME = "write.lock"
 BUCKET_DIR = "buckets"
@@ -124,23 +126,21 @@ def _read_config(conn: sqlite3.Connection) -> dict[str, str]:
 
 
 def _stored_version(db: Path) -> int | None:
-    """The format version written in db, or None when db is not (yet) an index."""
+    """The format version written in db; None when db is not (yet) an index, DAMAGED when unreadable."""
     if not db.is_file():
         return None
     try:
-        conn = sqlite3.connect(f"file:{quote(str(db))}?mode=ro", uri=True)
+        conn = sqlite3.connect(f"file:{quote(str(db))}?mode=ro", uri=True, timeout=30)
         try:
+            # A create killed before its first commit leaves a database without tables: no index yet.
+            if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'config'").fetchone() is None:
+                return None
             row = conn.execute("SELECT value FROM config WHERE key = 'format_version'").fetchone()
         finally:
             conn.close()
-    except sqlite3.DatabaseError:
-        return None
-    if row is None:
-        return None
-    try:
         return int(row[0])
-    except ValueError:
-        return -1
+    except (sqlite3.DatabaseError, TypeError, ValueError):
+        return DAMAGED
 
 
 class _WriteLock:
@@ -289,6 +289,8 @@ class FlatIndex:
         version = _stored_version(index_dir / DB_NAME)
         if version is None:
             raise IndexNotFoundError(f"no index at {index_dir} (build one with build_index)")
+        if version == DAMAGED:
+            raise IndexFormatError(f"the index at {index_dir} is damaged (unreadable {DB_NAME}); rebuild it")
         if version != FORMAT_VERSION:
             raise IndexFormatError(
                 f"the index at {index_dir} has format version {version}, this VISIONS reads version "
@@ -475,15 +477,16 @@ class FlatIndex:
             None if snippet is None else str(snippet)[:SNIPPET_CHARS],
         )
 
-    def _ids_of_paths(self, paths: Sequence[str]) -> dict[str, int]:
-        found: dict[str, int] = {}
-        unique = list(dict.fromkeys(paths))
+    def _items_where_in(self, columns: str, key: str, values: Sequence[Any]) -> Iterator[sqlite3.Row]:
+        """Item rows whose key is one of values, asked in chunks below SQLite's parameter limit."""
+        unique = list(dict.fromkeys(values))
         for start in range(0, len(unique), 500):
             chunk = unique[start : start + 500]
             marks = ",".join("?" * len(chunk))
-            for row in self._db.execute(f"SELECT path, id FROM items WHERE path IN ({marks})", chunk):
-                found[row["path"]] = row["id"]
-        return found
+            yield from self._db.execute(f"SELECT {columns} FROM items WHERE {key} IN ({marks})", chunk)
+
+    def _ids_of_paths(self, paths: Sequence[str]) -> dict[str, int]:
+        return {row["path"]: row["id"] for row in self._items_where_in("path, id", "path", paths)}
 
     def _bucket_file(self, bucket: int) -> Path:
         return self.path / BUCKET_DIR / f"{bucket:06d}.f32"
@@ -644,13 +647,12 @@ class FlatIndex:
         self, query: npt.ArrayLike, n: int = 10, exclude_ids: Iterable[int] = ()
     ) -> list[SearchResult] | list[list[SearchResult]]:
         """Exact top-n by cosine for a (dim,) query, or a list of lists for a (q, dim) batch; best first."""
+        # One snapshot for the whole search: rows committed later by another process are not looked at.
+        count = self._snapshot().count
         queries, single = self._prepare_queries(query)
+        # The products run outside the handle's lock, so app sessions sharing this index search in parallel.
+        ids, scores = self._top_n(queries, max(0, int(n)), count, np.fromiter(exclude_ids, dtype=np.int64))
         with self._lock:
-            # One snapshot for the whole search: rows committed later by another process are not looked at.
-            count = self._snapshot().count
-            ids, scores = self._top_n(
-                queries, max(0, int(n)), count, np.fromiter(exclude_ids, dtype=np.int64)
-            )
             found = self._kinds_and_paths(np.unique(ids[np.isfinite(scores)]))
         results = [
             [
@@ -690,13 +692,11 @@ class FlatIndex:
         return np.take_along_axis(best_ids, order, axis=1), np.take_along_axis(best_scores, order, axis=1)
 
     def _kinds_and_paths(self, ids: npt.NDArray[np.int64]) -> dict[int, tuple[str, str]]:
-        found: dict[int, tuple[str, str]] = {}
         id_list = [int(i) for i in ids]
-        for start in range(0, len(id_list), 500):
-            chunk = id_list[start : start + 500]
-            marks = ",".join("?" * len(chunk))
-            for row in self._db.execute(f"SELECT id, path, kind FROM items WHERE id IN ({marks})", chunk):
-                found[row["id"]] = (row["path"], row["kind"])
+        found = {
+            row["id"]: (row["path"], row["kind"])
+            for row in self._items_where_in("id, path, kind", "id", id_list)
+        }
         missing = set(id_list) - found.keys()
         if missing:
             raise IndexFormatError(f"the index at {self.path} lost the metadata of ids {sorted(missing)[:5]}")

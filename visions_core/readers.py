@@ -11,7 +11,7 @@ import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import BinaryIO, Literal
 
 from PIL import Image
 
@@ -342,20 +342,26 @@ def _file_item(path: Path, rel: str, st: os.stat_result) -> Item | Skipped:
     if st.st_size > MAX_FILE_BYTES:
         return Skipped(rel, f"file too large (over {MAX_FILE_BYTES // 2**20} MiB)")
     try:
-        head = _read_bytes(path, _SNIFF_BYTES)[0]
+        f, _ = _open_regular(path)
+        with f:
+            head = f.read(_SNIFF_BYTES)
+            f.seek(0)
+            is_image = _opens_as_image(f)
     except UnreadableItemError as exc:
         return Skipped(rel, str(exc))
-    if _opens_as_image(path):
+    except OSError as exc:
+        return Skipped(rel, _os_reason(exc, path))
+    if is_image:
         return Item(rel, "image", images=(path,))
     if _decode_text(head, final=len(head) < _SNIFF_BYTES) is not None:
         return Item(rel, "text", texts=(path,))
     return Skipped(rel, "not an image or text")
 
 
-def _opens_as_image(path: Path) -> bool:
+def _opens_as_image(f: BinaryIO) -> bool:
     """True when Pillow recognises the file's header (decoding happens later)."""
     try:
-        with Image.open(path) as img:
+        with Image.open(f) as img:
             return bool(img.format)
     except Image.DecompressionBombError:
         return True
@@ -364,20 +370,28 @@ def _opens_as_image(path: Path) -> bool:
         return False
 
 
-def _read_bytes(path: Path, limit: int = MAX_FILE_BYTES) -> tuple[bytes, os.stat_result]:
-    """Up to `limit` bytes of a regular file, without blocking on fifos; raises UnreadableItemError."""
+def _open_regular(path: Path) -> tuple[BinaryIO, os.stat_result]:
+    """Open a regular file for reading without ever blocking on a fifo; raises UnreadableItemError."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as exc:
         raise UnreadableItemError(_os_reason(exc, path)) from exc
+    f = os.fdopen(fd, "rb")
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        f.close()
+        raise UnreadableItemError("not a regular file (fifo, socket or device)")
+    return f, st
+
+
+def _read_bytes(path: Path) -> tuple[bytes, os.stat_result]:
+    """The bytes and stat of a regular file of at most MAX_FILE_BYTES; raises UnreadableItemError."""
+    f, st = _open_regular(path)
     try:
-        with os.fdopen(fd, "rb") as f:
-            st = os.fstat(f.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                raise UnreadableItemError("not a regular file (fifo, socket or device)")
-            if limit == MAX_FILE_BYTES and st.st_size > MAX_FILE_BYTES:
+        with f:
+            if st.st_size > MAX_FILE_BYTES:
                 raise UnreadableItemError(f"file too large (over {MAX_FILE_BYTES // 2**20} MiB)")
-            return f.read(limit), st
+            return f.read(MAX_FILE_BYTES + 1), st
     except OSError as exc:
         raise UnreadableItemError(_os_reason(exc, path)) from exc
 

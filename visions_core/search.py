@@ -75,7 +75,7 @@ class Searcher:
         n: int = 10,
         strategy: MergeStrategy = "multimodal",
     ) -> list[SearchResult]:
-        """The n items nearest a text and an image merged into one query, as items are merged at build time."""
+        """The n items nearest a text and an image merged into one query, as items merge at build time."""
         merged = merge_vectors([self.image_vector(image)], [self.text_vector(text)], strategy)
         return self.by_vector(merged, n)
 

@@ -124,17 +124,21 @@ def _write_stream(source: BinaryIO, target: Path, budget: int, too_big: str) -> 
     """Copy at most `budget` bytes into a new file (never through a link); raise too_big beyond that."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
     written = 0
-    with os.fdopen(os.open(target, flags, 0o644), "wb") as out:
-        while chunk := source.read(_CHUNK):
-            written += len(chunk)
-            if written > budget:
-                raise UploadLimitError(too_big)
-            out.write(chunk)
+    try:
+        with os.fdopen(os.open(target, flags, 0o644), "wb") as out:
+            while chunk := source.read(_CHUNK):
+                written += len(chunk)
+                if written > budget:
+                    raise UploadLimitError(too_big)
+                out.write(chunk)
+    except BaseException:
+        target.unlink(missing_ok=True)
+        raise
     return written
 
 
 def save_uploads(files: Iterable[tuple[str, BinaryIO]], dest: Path, limits: UploadLimits) -> list[Path]:
-    """Write uploaded (name, stream) pairs into dest under sanitised, unique names; enforce size and count."""
+    """Write uploaded (name, stream) pairs into dest under safe, unique names; all or nothing."""
     dest = Path(dest)
     saved: list[Path] = []
     taken: set[str] = set()
@@ -147,8 +151,10 @@ def save_uploads(files: Iterable[tuple[str, BinaryIO]], dest: Path, limits: Uplo
             rel = _unique(dest, PurePosixPath(safe_name(name, max_length=limits.max_name_length)), taken)
             total += _write_stream(stream, dest / rel, limits.max_upload_bytes - total, too_big)
             saved.append(dest / rel)
-    except (VisionsError, OSError):
-        _empty(dest)
+    except BaseException:
+        # dest may already hold an earlier upload (append): remove only what this call wrote.
+        for path in saved:
+            path.unlink(missing_ok=True)
         raise
     return saved
 
@@ -187,6 +193,8 @@ def check_zip(archive: zipfile.ZipFile, limits: UploadLimits) -> list[tuple[zipf
 def extract_zip(source: Path | BinaryIO, dest: Path, limits: UploadLimits) -> list[Path]:
     """Safely unpack a zip into the empty folder dest; on any refusal nothing of it is left behind."""
     dest = Path(dest)
+    if any(dest.iterdir()):
+        raise VisionsError(f"{dest} is not empty: a zip is unpacked into a folder of its own")
     try:
         archive = zipfile.ZipFile(source)
     except (zipfile.BadZipFile, OSError) as exc:
