@@ -50,11 +50,13 @@ def image_recipes(batch: object, use_compile: bool, use_bf16: bool) -> dict[str,
         # freeze folds BatchNorm into the convolutions and lets oneDNN fuse conv + activation.
         frozen = torch.jit.freeze(torch.jit.trace(eager, batch[:2]))
         frozen_cl = torch.jit.freeze(torch.jit.trace(cl_model, last[:2]))
+        optimized = torch.jit.optimize_for_inference(torch.jit.trace(eager, batch[:2]))
     recipes: dict[str, Recipe] = {
         "eager fp32": lambda: eager(batch),
         "channels_last": lambda: cl_model(last),
         "jit trace+freeze": lambda: frozen(batch),
         "jit trace+freeze, channels_last": lambda: frozen_cl(last),
+        "jit optimize_for_inference": lambda: optimized(batch),
     }
     if use_compile:
         compiled = torch.compile(eager)

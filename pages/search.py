@@ -210,20 +210,21 @@ def first_image(path: Path) -> Path | None:
     return images[0] if images else None
 
 
-def show_item(item_id: int, kind: str, path: str, caption: str) -> None:
+def show_item(item_id: int, kind: str, path: str, caption: str, *, side_by_side: bool = False) -> None:
     """One card: a thumbnail for images, a snippet for texts, and the caption."""
     index = get_index(name)
+    picture, words = st.columns([1, 3]) if side_by_side else (st.container(), st.container())
     if kind in ("image", "mixed"):
         image = first_image(index.resolve(path))
         data = thumbnail(str(image), image.stat().st_mtime) if image is not None else None
         if data is None:
-            st.caption("(image not available)")
+            picture.caption("(image not available)")
         else:
-            st.image(data, width="stretch")
+            picture.image(data, width="stretch")
     if kind in ("text", "mixed"):
         snippet = index.get_record(item_id)["snippet"] or ""
-        st.markdown(f"> {snippet[:220]}{'…' if len(snippet) > 220 else ''}")
-    st.caption(caption)
+        words.markdown(f"> {snippet[:220]}{'…' if len(snippet) > 220 else ''}")
+    words.caption(caption)
 
 
 if not trail:
@@ -234,8 +235,8 @@ else:
         if query["kind"] == "item":
             record = get_index(name).get_record(query["item"])
             with st.container(border=True):
-                st.caption("Current query: an item of the index")
-                show_item(record["id"], record["kind"], record["path"], record["path"])
+                caption = f"Current query: {record['path']} ({record['kind']})"
+                show_item(record["id"], record["kind"], record["path"], caption, side_by_side=True)
         results = run(query, top_n)
     except VisionsError as exc:
         show_error(exc)

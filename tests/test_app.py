@@ -145,7 +145,7 @@ def test_a_copied_link_restores_the_item_view_and_top_n(demo_app, demo_index, em
     assert at.slider(key="top_n").value == 5
     expected = Searcher(embedder, demo_index).by_item(horse, n=5, exclude_self=True)
     assert result_ids(at) == [r.id for r in expected]
-    assert any(c.value == "horse" for c in at.caption)
+    assert any(c.value == "Current query: horse (image)" for c in at.caption)
 
 
 def test_an_uploaded_image_finds_its_own_item_first(demo_app, demo_index):

@@ -123,6 +123,15 @@ def test_rebuild_starts_over_and_create_refuses_an_existing_index(generated_data
         assert [r["id"] for r in index.records()] == list(range(10)) and index.bucket_size == 3
 
 
+def test_indexes_are_never_read_as_data_wherever_they_are(generated_dataset, embedder):
+    build_index(generated_dataset, embedder)
+    inside = generated_dataset / "sub" / "second_index"
+    report = build_index(generated_dataset, embedder, index_path=inside, recursive=True)
+    assert (report.added, report.skipped) == (12, [])
+    again = build_index(generated_dataset, embedder, index_path=inside, recursive=True, mode="append")
+    assert (again.added, again.present, again.skipped) == (0, 12, [])
+
+
 def test_append_from_another_folder_is_refused(generated_dataset, embedder, tmp_path):
     build_index(generated_dataset, embedder, index_path=tmp_path / "shared_index")
     other = tmp_path / "other"
@@ -140,16 +149,18 @@ def test_every_batch_is_committed_before_the_build_ends(generated_dataset, embed
             seen.append((done, total, len(reader)))
 
     build_index(generated_dataset, embedder, batch_size=4, progress=progress)
+    assert seen[0] == (0, 12, 0), "the first call announces the total before any work"
     assert [s[0] for s in seen] == sorted(s[0] for s in seen) and seen[-1][:2] == (12, 12)
     # A reader in between sees whole committed batches: that is what a killed build resumes from.
-    assert sorted({s[2] for s in seen}) == [4, 8, 12]
+    assert sorted({s[2] for s in seen}) == [0, 4, 8, 12]
 
 
 def test_a_file_vanishing_during_the_build_is_skipped_and_the_build_goes_on(generated_dataset, embedder):
     victim = generated_dataset / "snow.txt"  # listed early, looked at last: names are read in order
 
     def progress(done: int, total: int) -> None:
-        victim.unlink(missing_ok=True)
+        if done > 0:  # the folder has been listed by now
+            victim.unlink(missing_ok=True)
 
     report = build_index(generated_dataset, embedder, batch_size=1, progress=progress)
     assert [(s.path, s.reason) for s in report.skipped] == [

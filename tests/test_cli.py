@@ -95,6 +95,22 @@ def test_build_summary_counts_skips_per_reason_and_verbose_lists_the_files(
     ]
 
 
+def test_recursive_build_reads_sub_folders_and_a_second_builder_is_told_the_index_is_locked(
+    generated_dataset, embedder, capsys
+):
+    (generated_dataset / "sub" / "deeper").mkdir(parents=True)
+    (generated_dataset / "sub" / "deeper" / "note.txt").write_text("A note in a nested folder.")
+    code, out, _ = run(capsys, "build_index", "--data_dir", generated_dataset)
+    assert code == 0 and out.startswith("added 12,")
+    code, out, _ = run(capsys, "build_index", "--data_dir", generated_dataset, "--append", "--recursive")
+    assert code == 0 and out.startswith("added 1, already present 12,")
+    with FlatIndex.open(generated_dataset / "index", writable=True):
+        code, out, err = run(capsys, "build_index", "--data_dir", generated_dataset, "--rebuild")
+    assert code == 1 and out == "" and err.startswith("error: index is locked by pid ")
+    with FlatIndex.open(generated_dataset / "index") as index:
+        assert len(index) == 13 and index.contains_path("sub/deeper/note.txt")
+
+
 def test_infer_by_text_prints_path_score_lines_and_json_last(built, embedder, capsys):
     code, out, _ = run(
         capsys, "infer", "--index_path", built / "index", "--query_text", "a dog", "-n", "5", "--json"

@@ -97,7 +97,7 @@ def test_demo_text_query_then_a_click_walks_to_new_results(app_url, tmp_path):
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1100})
+            page = browser.new_page(viewport={"width": 1400, "height": 1250})
             page.goto(app_url, timeout=SLOW_MS)
             page.get_by_role("button", name="Try the demo dataset").click(timeout=SLOW_MS)
             page.wait_for_url(re.compile(r"/search\?index=demo"), timeout=SLOW_MS)
@@ -108,7 +108,7 @@ def test_demo_text_query_then_a_click_walks_to_new_results(app_url, tmp_path):
             page.wait_for_url(re.compile(r"[?&]q=a(\+|%20)rocket"), timeout=SLOW_MS)
             page.screenshot(path=tmp_path / "text_query.png", full_page=True)
 
-            page.get_by_role("button", name="Explore from here").nth(1).click()
+            page.get_by_role("button", name="Explore from here").first.click()
             second = wait_for_new_results(page, first)
             page.wait_for_url(re.compile(r"[?&]item=\d+"), timeout=SLOW_MS)
             assert second != first

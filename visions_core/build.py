@@ -33,7 +33,7 @@ BuildMode = Literal["create", "append", "rebuild"]
 BUILD_MODES: tuple[BuildMode, ...] = ("create", "append", "rebuild")
 DEFAULT_INDEX_NAME = "index"
 Progress = Callable[[int, int], None]
-"""Called as progress(items_done, items_total) after every item (added, already present or skipped)."""
+"""Called as progress(items_done, items_total): once with 0 at the start, then after every item."""
 
 
 @dataclass
@@ -99,9 +99,13 @@ def build_index(
     layout = readers.canonical_layout(layout)
     target = Path(index_path).absolute() if index_path is not None else default_index_path(root)
     report = BuildReport(index_path=target)
+    # An index in the default place is never data either, even while building one elsewhere.
+    excluded = [target] + ([default_index_path(root)] if FlatIndex.exists(default_index_path(root)) else [])
     with _open_index(FlatIndex, target, root, embedder, mode, bucket_size) as index:
         present = index.paths() if len(index) else set()
-        total = readers.count(root, layout, recursive, exclude=[target])
+        total = readers.count(root, layout, recursive, exclude=excluded)
+        if progress is not None:
+            progress(0, total)
         done = 0
         pending: deque[Future[_Prepared | Skipped]] = deque()
         batch: list[_Prepared] = []
@@ -127,7 +131,7 @@ def build_index(
         # Workers decode the next items while the main thread runs the model on the current batch; the
         # queue bound keeps memory at a few batches whatever the dataset size.
         with ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 1)) as pool:
-            for entry in readers.scan(root, layout, recursive, exclude=[target]):
+            for entry in readers.scan(root, layout, recursive, exclude=excluded):
                 if isinstance(entry, Skipped):
                     report.skipped.append(entry)
                     tick()

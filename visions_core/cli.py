@@ -152,27 +152,36 @@ def _run_build(args: argparse.Namespace) -> int:
     from visions_core.embedder import load_embedder
 
     embedder = load_embedder()
-    with tqdm(unit=" items", desc="indexing", dynamic_ncols=True, file=sys.stderr) as bar:
+    bars: list[tqdm] = []
 
-        def progress(done: int, total: int) -> None:
-            bar.total = max(total, done)
-            bar.update(done - bar.n)
-
-        try:
-            report = build_index(
-                args.data_dir,
-                embedder,
-                index_path=index_path,
-                layout=args.data_reader_type,
-                bucket_size=args.flat_bucket_size,
-                mode=mode,
-                recursive=args.recursive,
-                batch_size=args.batch_size,
-                progress=progress,
+    def progress(done: int, total: int) -> None:
+        # The bar appears with the first item, so an early error (locked index...) stays a single line.
+        if not bars:
+            bars.append(
+                tqdm(total=total, unit=" items", desc="indexing", dynamic_ncols=True, file=sys.stderr)
             )
-        except IndexExistsError:
-            # Another process created it after the check above.
-            return _index_exists_error(index_path)
+        bar = bars[0]
+        bar.total = max(total, done)
+        bar.update(done - bar.n)
+
+    try:
+        report = build_index(
+            args.data_dir,
+            embedder,
+            index_path=index_path,
+            layout=args.data_reader_type,
+            bucket_size=args.flat_bucket_size,
+            mode=mode,
+            recursive=args.recursive,
+            batch_size=args.batch_size,
+            progress=progress,
+        )
+    except IndexExistsError:
+        # Another process created it after the check above.
+        return _index_exists_error(index_path)
+    finally:
+        for bar in bars:
+            bar.close()
     _print_summary(report, args.verbose)
     return 0
 

@@ -434,7 +434,7 @@ def train(
             nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 2.0)
             opt.step()
             sched.step()
-            total_loss += float(loss)
+            total_loss += loss.item()
         ims, txs = embed_dev(model, inputs, dev_images, dev_captions)
         result = recalls(ims, txs, owner)
         row = {
