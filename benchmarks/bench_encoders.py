@@ -1,4 +1,4 @@
-"""Encoder forward rate per speed recipe: eager fp32, channels-last, TorchScript, torch.compile, int8, bf16.
+"""Encoder forward rate per speed recipe: eager fp32, channels-last, TorchScript, ONNX Runtime, int8, bf16.
 
 Times the project's ImageEncoder and TextEncoder on the same pre-decoded real images and tokenised captions,
 every recipe called in turn each round (the machine is shared and noisy: ratios within one run count), and
@@ -41,9 +41,10 @@ def image_recipes(batch: object, use_compile: bool, use_bf16: bool) -> dict[str,
     """Zero-argument forward calls of the image encoder, one per recipe, all over the same batch."""
     import torch
 
-    from visions_core.encoders import ImageEncoder
+    from visions_core.encoders import ImageEncoder, OnnxImageEncoder
 
     eager = ImageEncoder().eval()
+    onnx = OnnxImageEncoder(eager)
     last = batch.contiguous(memory_format=torch.channels_last)
     cl_model = ImageEncoder(eager.net).to(memory_format=torch.channels_last).eval()
     with torch.inference_mode():
@@ -57,6 +58,7 @@ def image_recipes(batch: object, use_compile: bool, use_bf16: bool) -> dict[str,
         "jit trace+freeze": lambda: frozen(batch),
         "jit trace+freeze, channels_last": lambda: frozen_cl(last),
         "jit optimize_for_inference": lambda: optimized(batch),
+        "onnxruntime": lambda: onnx(batch),
     }
     if use_compile:
         compiled = torch.compile(eager)

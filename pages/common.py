@@ -19,7 +19,7 @@ from visions_core.uploads import UploadLimits, parse_roots, safe_name
 if TYPE_CHECKING:
     from visions_core.build import BuildReport, Progress
     from visions_core.embedder import Embedder
-    from visions_core.index import FlatIndex
+    from visions_core.index import FlatIndex, SearchResult
     from visions_core.search import Searcher
 
 APP_ROOT = Path(__file__).resolve().parents[1]
@@ -276,6 +276,22 @@ def thumbnail(path: str, mtime: float) -> bytes | None:
     out = io.BytesIO()
     image.save(out, format="JPEG", quality=85)
     return out.getvalue()
+
+
+def results_csv(index: FlatIndex, results: list[SearchResult]) -> str:
+    """Ranked results as CSV: rank, id, path, kind, score and the text snippet."""
+    rows = [
+        {
+            "rank": rank,
+            "id": hit.id,
+            "path": hit.path,
+            "kind": hit.kind,
+            "score": round(hit.score, 6),
+            "snippet": index.get_record(hit.id)["snippet"] or "",
+        }
+        for rank, hit in enumerate(results, 1)
+    ]
+    return pd.DataFrame(rows, columns=["rank", "id", "path", "kind", "score", "snippet"]).to_csv(index=False)
 
 
 def show_error(exc: BaseException) -> None:

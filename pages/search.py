@@ -3,22 +3,24 @@
 import hashlib
 from pathlib import Path
 
-import pandas as pd
 import streamlit as st
 from streamlit.runtime.uploaded_file_manager import UploadedFile
 
 from pages.common import (
+    DEMO_INDEX,
     ViewParams,
+    build_demo_index,
     get_index,
     get_searcher,
     list_indexes,
     read_view_params,
+    results_csv,
     show_error,
     thumbnail,
     write_view_params,
 )
 from visions_core.encoders import load_image
-from visions_core.errors import VisionsError
+from visions_core.errors import IndexMismatchError, VisionsError
 
 MODES = ["Text", "Image", "Index item", "Text + image"]
 COLUMNS = 4
@@ -151,6 +153,8 @@ elif mode == "Index item":
         choice = st.selectbox(
             "An item of the index", list(choices), key="query_item", format_func=choices.get
         )
+        if len(choices) == MAX_ITEM_CHOICES:
+            st.caption(f"The first {MAX_ITEM_CHOICES} items; open any other with ?item=ID in the URL.")
         if (
             st.form_submit_button("Find its neighbours", key="run_item", icon=":material/hub:")
             and choice is not None
@@ -238,6 +242,19 @@ else:
                 caption = f"Current query: {record['path']} ({record['kind']})"
                 show_item(record["id"], record["kind"], record["path"], caption, side_by_side=True)
         results = run(query, top_n)
+    except IndexMismatchError as exc:
+        show_error(exc)
+        results = None
+        if name == DEMO_INDEX:
+            if st.button("Rebuild the demo index with the current model", key="rebuild_demo"):
+                try:
+                    build_demo_index()
+                except VisionsError as build_error:
+                    show_error(build_error)
+                else:
+                    st.rerun()
+        else:
+            st.info("Rebuild this index on **Build index** (mode: Rebuild from scratch) to search it again.")
     except VisionsError as exc:
         show_error(exc)
         results = None
@@ -258,23 +275,9 @@ else:
                     on_click=push,
                     args=({"kind": "item", "item": hit.id},),
                 )
-        index = get_index(name)
-        table = pd.DataFrame(
-            [
-                {
-                    "rank": rank,
-                    "id": hit.id,
-                    "path": hit.path,
-                    "kind": hit.kind,
-                    "score": round(hit.score, 6),
-                    "snippet": index.get_record(hit.id)["snippet"] or "",
-                }
-                for rank, hit in enumerate(results, 1)
-            ]
-        )
         st.download_button(
             "Download results (CSV)",
-            table.to_csv(index=False),
+            results_csv(get_index(name), results),
             file_name=f"visions-{name}.csv",
             mime="text/csv",
             key="export_csv",

@@ -5,6 +5,8 @@ import re
 import zipfile
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
@@ -105,8 +107,19 @@ def test_a_text_query_ranks_the_index_like_the_engine_and_goes_into_the_url(demo
     assert result_ids(at) == [r.id for r in expected]
     assert demo_index.get_record(result_ids(at)[0])["path"] in {"cat_chelsea", "kitten_on_sofa"}
     assert at.query_params["q"] == "a tabby cat with green eyes" and at.query_params["index"] == "demo"
-    csv = at.get("download_button")[0]
-    assert csv.proto.label == "Download results (CSV)"
+    assert at.get("download_button")[0].proto.label == "Download results (CSV)"
+
+
+def test_results_export_as_csv_with_snippets(demo_index, embedder):
+    from pages.common import results_csv
+
+    results = Searcher(embedder, demo_index).by_text("a pot of tea", n=5)
+    table = pd.read_csv(io.StringIO(results_csv(demo_index, results)), keep_default_na=False)
+    assert list(table.columns) == ["rank", "id", "path", "kind", "score", "snippet"]
+    assert list(table["id"]) == [r.id for r in results] and list(table["rank"]) == [1, 2, 3, 4, 5]
+    assert table["score"].is_monotonic_decreasing
+    for row in table.itertuples():
+        assert row.snippet == (demo_index.get_record(row.id)["snippet"] or "")
 
 
 def test_an_item_query_lists_its_neighbours_without_itself(demo_app, demo_index, embedder):
@@ -240,6 +253,22 @@ def test_uploaded_files_build_an_index_and_skipped_files_are_listed(fresh_data):
         assert sorted(r["path"] for r in index.records()) == ["horse photo.jpg", "note.txt"]
 
 
+def test_more_uploads_can_be_appended_to_an_uploaded_index(fresh_data):
+    at = open_page("build")
+    at.file_uploader(key="upload_files").set_value([("a.txt", b"A red apple.", "text/plain")])
+    at.text_input(key="index_name").input("notes")
+    at.button(key="build").click().run()
+    no_failure(at)
+    at.file_uploader(key="upload_files").set_value([("a.txt", b"A green pear.", "text/plain")])
+    at.radio(key="mode").set_value("append")
+    at.button(key="build").click().run()
+    no_failure(at)
+    assert {m.label: m.value for m in at.metric}["Added"] == "1"
+    with FlatIndex.open(fresh_data / "indexes" / "notes") as index:
+        assert sorted(r["snippet"] for r in index.records()) == ["A green pear.", "A red apple."]
+    assert len(list((fresh_data / "uploads").iterdir())) == 1
+
+
 def test_a_zipped_mixed_dataset_builds_and_a_second_create_is_refused(fresh_data):
     members = {
         "set/cat/img/c.jpg": (DEMO / "cat_chelsea/img/cat_chelsea.jpg").read_bytes(),
@@ -317,3 +346,37 @@ def test_build_progress_shows_counts_rate_and_eta():
     assert re.fullmatch(r"5/20 items · [\d.]+ items/s · ETA \d+ s", bar.text)
     report(0, 0)
     assert bar.value == 1.0
+
+
+def test_an_index_of_other_weights_is_refused_and_the_demo_can_be_rebuilt(fresh_data, embedder):
+    stale = fresh_data / "indexes" / "demo"
+    with FlatIndex.create(stale, dim=embedder.dim, aligner_id="older-weights", data_root=DEMO) as index:
+        vector = np.zeros((1, embedder.dim), dtype=np.float32)
+        vector[0, 0] = 1.0
+        index.add(vector, [{"path": "horse", "kind": "image"}], aligner_id="older-weights")
+    at = open_page("search", index="demo", q="a horse")
+    assert not at.exception
+    assert any("older-weights" in e.value for e in at.error)
+    at.button(key="rebuild_demo").click().run()
+    no_failure(at)
+    with FlatIndex.open(stale) as index:
+        assert index.aligner_id == embedder.aligner_id
+        assert len(index) == len([p for p in DEMO.iterdir() if p.is_dir()])
+    assert result_ids(at)
+
+
+def test_data_roots_and_limits_can_come_from_streamlit_secrets(fresh_data, tmp_path):
+    roots = [tmp_path / "first", tmp_path / "second"]
+    for root in roots:
+        root.mkdir()
+    at = AppTest.from_file(str(ROOT / "streamlit_app.py"), default_timeout=TIMEOUT)
+    at.secrets["VISIONS_DATA_ROOTS"] = [str(r) for r in roots]
+    at.secrets["VISIONS_MAX_FILES"] = 1
+    at.run()
+    at.switch_page("pages/build.py").run()
+    at.radio(key="source").set_value("Folder on the server").run()
+    assert at.selectbox(key="root").options == [str(r) for r in roots]
+    for name in ("a.txt", "b.txt"):
+        (roots[0] / name).write_text("two files, one allowed")
+    at.button(key="build").click().run()
+    assert any("more than 1 files" in e.value for e in at.error)

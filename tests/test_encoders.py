@@ -12,7 +12,9 @@ from visions_core.encoders import (
     IMAGE_SIZE,
     TEXT_FEATURE_DIM,
     ImageEncoder,
+    OnnxImageEncoder,
     TextEncoder,
+    fast_image_encoder,
     load_image,
     mean_pool,
     preprocess,
@@ -198,3 +200,22 @@ def test_text_encoder_truncates_long_texts(text_encoder):
     assert batch["input_ids"].shape[1] == text_encoder.max_length
     with torch.inference_mode():
         assert text_encoder(batch).shape == (1, TEXT_FEATURE_DIM)
+
+
+def test_onnx_image_encoder_gives_the_pytorch_features_at_any_batch_size(image_encoder):
+    onnx = OnnxImageEncoder(image_encoder)
+    x = torch.stack([preprocess(_gradient()), preprocess(Image.new("RGB", (50, 50), (0, 128, 0)))] * 2)
+    with torch.inference_mode():
+        expected = image_encoder(x)
+        for n in (1, 3, 4):
+            got = onnx(x[:n])
+            assert got.shape == (n, IMAGE_FEATURE_DIM) and got.dtype == torch.float32
+            assert torch.allclose(got, expected[:n], atol=1e-4)
+
+
+def test_fast_image_encoder_uses_onnx_on_cpu_unless_opted_out(image_encoder, monkeypatch):
+    monkeypatch.setenv("VISIONS_ONNX", "0")
+    assert fast_image_encoder(image_encoder, torch.device("cpu")) is image_encoder
+    monkeypatch.delenv("VISIONS_ONNX")
+    assert fast_image_encoder(image_encoder, torch.device("cuda")) is image_encoder
+    assert isinstance(fast_image_encoder(image_encoder, torch.device("cpu")), OnnxImageEncoder)

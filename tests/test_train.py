@@ -80,7 +80,7 @@ def test_fine_tuned_layers_ship_and_index_time_matches_train_time(tiny_data, tmp
     model, _, _ = train(cfg, cache, log=lambda _: None)
     from visions_core.train import write_weights
 
-    write_weights(tmp_path / "w", model, cfg, {"i2t": {}, "t2i": {}}, [], tiny_data)
+    write_weights(tmp_path / "w", model, cfg, {"i2t": {}, "t2i": {}}, [], tiny_data, cache["n_train"])
     _, tensors = load_weights(tmp_path / "w")
     tuned = [k for k in tensors if k.startswith(("image_encoder.", "text_encoder."))]
     assert any(k.startswith("image_encoder.net._blocks.14.") for k in tuned)

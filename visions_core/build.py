@@ -147,7 +147,7 @@ def build_index(
         if batch:
             report.added += _commit(index, embedder, batch, strategy)
             tick(len(batch))
-    # Worker threads finish out of order; a sorted list reads the same on every run.
+    # Listing-time and decoding-time skips arrive interleaved; sorted, the list reads the same every run.
     report.skipped.sort(key=lambda s: s.path)
     report.seconds = time.perf_counter() - started
     return report

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,15 @@ from visions_core.aligners import (
     load_weights,
     read_card,
 )
-from visions_core.encoders import ImageEncoder, ImageSource, TextEncoder, load_image, pick_device, preprocess
+from visions_core.encoders import (
+    ImageEncoder,
+    ImageSource,
+    TextEncoder,
+    fast_image_encoder,
+    load_image,
+    pick_device,
+    preprocess,
+)
 from visions_core.errors import UnreadableItemError, WeightsError
 from visions_core.vectors import Matrix, MergeStrategy, Vector, merge_vectors
 
@@ -51,6 +59,8 @@ class Embedder:
         self.dim: int = int(card["dim"])
         # One model, many Streamlit sessions: torch modules are not re-entrant, so calls take turns.
         self._lock = threading.Lock()
+        # Made on first image call: the ONNX export takes seconds that text-only users need not pay.
+        self._image_forward: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def __repr__(self) -> str:
         return f"Embedder(aligner_id={self.aligner_id!r}, dim={self.dim}, device={self.device})"
@@ -80,9 +90,11 @@ class Embedder:
             return self._empty()
         rows = []
         with self._lock, torch.inference_mode():
+            if self._image_forward is None:
+                self._image_forward = fast_image_encoder(self.image_encoder, self.device)
             for start in range(0, batch.shape[0], IMAGE_BATCH):
                 pixels = batch[start : start + IMAGE_BATCH].to(self.device, torch.float32)
-                rows.append(self.image_aligner(self.image_encoder(pixels)).cpu())
+                rows.append(self.image_aligner(self._image_forward(pixels)).cpu())
         return _as_matrix(torch.cat(rows))
 
     def embed_images(self, images: Sequence[ImageSource]) -> Matrix:

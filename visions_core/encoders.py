@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Iterable, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -158,6 +159,56 @@ class ImageEncoder(nn.Module):
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """Pooled 1280-d features of a preprocessed batch."""
         return self.top(self.stem(pixels, 0), 0)
+
+
+# Set to 0 to run the image encoder in PyTorch even where ONNX Runtime is installed (e.g. to compare).
+ONNX_ENV = "VISIONS_ONNX"
+
+
+class OnnxImageEncoder:
+    """An ImageEncoder exported to ONNX Runtime for CPU inference: the same features, several times faster.
+
+    The export is a snapshot: later changes to the module's weights are not seen (make a new one).
+    """
+
+    def __init__(self, encoder: ImageEncoder, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        buffer = io.BytesIO()
+        example = torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE)
+        # Callers may hold torch.inference_mode(); tracing for export needs ordinary tensors.
+        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                encoder.eval(),
+                (example,),
+                buffer,
+                dynamo=False,
+                input_names=["pixels"],
+                output_names=["features"],
+                dynamic_axes={"pixels": {0: "n"}, "features": {0: "n"}},
+                opset_version=17,
+            )
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pooled 1280-d features of a preprocessed batch."""
+        out = self.session.run(None, {"pixels": pixels.detach().to("cpu", torch.float32).numpy()})[0]
+        return torch.from_numpy(out)
+
+
+def fast_image_encoder(encoder: ImageEncoder, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The quickest runner of encoder on device: ONNX Runtime on CPU when available, else the module."""
+    if device.type != "cpu" or os.environ.get(ONNX_ENV, "1") == "0":
+        return encoder
+    try:
+        return OnnxImageEncoder(encoder)
+    except Exception:
+        # No onnxruntime/onnx, or an export the runtime refuses: PyTorch computes the same features, slower.
+        return encoder
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -113,7 +113,7 @@ def scan(
     recursive: bool = False,
     exclude: Iterable[str | os.PathLike[str]] = (),
 ) -> Iterator[Item | Skipped]:
-    """List a dataset folder's items in name order; unusable entries come out as Skipped, never raised."""
+    """A dataset folder's items in name order, outside the `exclude` folders; bad entries come as Skipped."""
     root = check_data_dir(data_dir)
     excluded = frozenset(os.path.realpath(p) for p in exclude)
     if canonical_layout(layout) == "flat_dir":
@@ -260,13 +260,12 @@ def _walk(
                 yield name
                 continue
             path, rel = folder / name, prefix + name
-            if _is_excluded(path, excluded):
-                continue
             st = _stat(path, rel)
             if isinstance(st, Skipped):
                 yield st
             elif stat.S_ISDIR(st.st_mode):
-                if not recursive:
+                # Only folders can be excluded (the index is one): files skip the realpath syscalls.
+                if not recursive or _is_excluded(path, excluded):
                     continue
                 key = (st.st_dev, st.st_ino)
                 if key in visited:

@@ -453,7 +453,15 @@ def train(
     return model.eval(), best[2], history
 
 
-def write_weights(out_dir: Path, model: Trainable, cfg: Config, dev: dict[str, Any], history, data_dir: Path):
+def write_weights(
+    out_dir: Path,
+    model: Trainable,
+    cfg: Config,
+    dev: dict[str, Any],
+    history: list[dict[str, Any]],
+    data_dir: Path,
+    n_train: int,
+) -> dict[str, Any]:
     """Write the trained parts as safetensors plus the model card; the aligner_id hashes the tensors."""
     tensors = {f"image_aligner.{k}": v for k, v in model.image_aligner.state_dict().items()}
     tensors |= {f"text_aligner.{k}": v for k, v in model.text_aligner.state_dict().items()}
@@ -486,7 +494,12 @@ def write_weights(out_dir: Path, model: Trainable, cfg: Config, dev: dict[str, A
         "loss": f"VSE++ max of hinges, margin {cfg.margin}, hardest in-batch negatives "
         f"({cfg.warmup_epochs} warm-up epochs of sum of hinges)",
         "hyperparameters": asdict(cfg),
-        "data": {"name": "Flickr8k", "path": str(data_dir), "train_images": model_card_counts(history)},
+        "data": {
+            "name": "Flickr8k",
+            "path": str(data_dir),
+            "train_images": n_train,
+            "dev_images": dev.get("images"),
+        },
         "dev": dev,
         "history": history,
         "date": now.isoformat(timespec="seconds"),
@@ -494,11 +507,6 @@ def write_weights(out_dir: Path, model: Trainable, cfg: Config, dev: dict[str, A
     }
     save_weights(out_dir, tensors, card)
     return card
-
-
-def model_card_counts(history) -> int:
-    """Number of train images (constant for Flickr8k's standard split)."""
-    return 6000
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -557,7 +565,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     model, dev, history = train(cfg, cache, log)
-    card = write_weights(args.out, model, cfg, dev, history, args.data)
+    card = write_weights(args.out, model, cfg, dev, history, args.data, cache["n_train"])
     print(json.dumps({"aligner_id": card["aligner_id"], "dev": dev}))
     return 0
 
