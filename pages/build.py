@@ -18,8 +18,8 @@ from pages.common import (
 from visions_core.errors import IndexExistsError, VisionsError
 from visions_core.index import DEFAULT_BUCKET_SIZE, FlatIndex
 from visions_core.uploads import (
+    check_folder,
     confine,
-    count_files,
     dataset_root,
     extract_zip,
     list_folders,
@@ -123,7 +123,7 @@ if st.button("Build index", type="primary", icon=":material/construction:", key=
                 raise VisionsError(f"{relative or root} is not a folder under {root}")
             if folder.is_relative_to(indexes_dir().resolve()):
                 raise VisionsError("that folder holds the app's indexes, not a dataset")
-            count_files(folder, limit=limits.max_files)
+            check_folder(folder, root, limit=limits.max_files)
         st.caption(f"Indexing `{folder}`")
         run_build(folder, name, layout=layout, recursive=recursive, bucket_size=int(bucket_size), mode=mode)
     except VisionsError as exc:

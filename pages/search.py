@@ -231,8 +231,28 @@ def show_item(item_id: int, kind: str, path: str, caption: str, *, side_by_side:
     words.caption(caption)
 
 
+def show_grid(cards: list[tuple[int, str, str, str]]) -> None:
+    """Item cards (id, kind, path, caption) in rows; each has a button that makes it the next query."""
+    for position, (item_id, kind, path, caption) in enumerate(cards):
+        if position % COLUMNS == 0:
+            cols = st.columns(COLUMNS)
+        with cols[position % COLUMNS].container(border=True):
+            show_item(item_id, kind, path, caption)
+            st.button(
+                "Explore from here",
+                key=f"go_{item_id}",
+                icon=":material/hub:",
+                width="stretch",
+                on_click=push,
+                args=({"kind": "item", "item": item_id},),
+            )
+
+
 if not trail:
     st.info("Type a text, upload an image or pick an item to start; click any result to continue from it.")
+    if samples := get_index(name).records(limit=COLUMNS * 2):
+        st.subheader("Or start from one of these")
+        show_grid([(r["id"], r["kind"], r["path"], r["path"]) for r in samples])
 else:
     query = trail[-1]
     try:
@@ -262,19 +282,8 @@ else:
         st.info("No results: the index is empty.")
     elif results:
         st.subheader(f"{len(results)} nearest to {label(query)}")
-        for rank, hit in enumerate(results, 1):
-            if (rank - 1) % COLUMNS == 0:
-                cols = st.columns(COLUMNS)
-            with cols[(rank - 1) % COLUMNS].container(border=True):
-                show_item(hit.id, hit.kind, hit.path, f"#{rank} · score {hit.score:.3f} · {hit.path}")
-                st.button(
-                    "Explore from here",
-                    key=f"go_{hit.id}",
-                    icon=":material/hub:",
-                    width="stretch",
-                    on_click=push,
-                    args=({"kind": "item", "item": hit.id},),
-                )
+        captions = [f"#{rank} · score {h.score:.3f} · {h.path}" for rank, h in enumerate(results, 1)]
+        show_grid([(h.id, h.kind, h.path, c) for h, c in zip(results, captions, strict=True)])
         st.download_button(
             "Download results (CSV)",
             results_csv(get_index(name), results),

@@ -98,6 +98,16 @@ def test_the_home_page_lists_the_demo_index_and_the_model(demo_app, demo_index, 
     assert any(embedder.aligner_id in m.value for m in at.markdown)
 
 
+def test_search_without_a_query_offers_items_to_start_from(demo_app, demo_index):
+    at = open_page("search", index="demo")
+    no_failure(at)
+    starters = result_ids(at)
+    assert starters == [r["id"] for r in demo_index.records(limit=len(starters))] and starters
+    at.button(key=f"go_{starters[0]}").click().run()
+    assert at.query_params["item"] == str(starters[0])
+    assert starters[0] not in result_ids(at)
+
+
 def test_a_text_query_ranks_the_index_like_the_engine_and_goes_into_the_url(demo_app, demo_index, embedder):
     at = open_page("search", index="demo")
     at.text_input(key="query_text").input("a tabby cat with green eyes")
@@ -313,12 +323,21 @@ def test_server_folders_are_confined_to_the_data_roots(fresh_data, tmp_path, mon
     (root / "texts").mkdir(parents=True)
     (root / "texts" / "a.txt").write_text("A walk in the park.")
     (root / "escape").symlink_to(tmp_path)
+    (root / "linked").mkdir()
+    (tmp_path / "secret.txt").write_text("not for users")
+    (root / "linked" / "secret.txt").symlink_to(tmp_path / "secret.txt")
     monkeypatch.setenv("VISIONS_DATA_ROOTS", str(root))
     at = open_page("build")
     at.radio(key="source").set_value("Folder on the server").run()
     assert at.selectbox(key="root").options == [str(root)]
-    assert at.selectbox(key="folder").options == ["(the root itself)", "texts"]
-    for attempt, message in [("../", "'..' is not allowed"), ("/etc", "not absolute"), ("escape", "outside")]:
+    assert at.selectbox(key="folder").options == ["(the root itself)", "linked", "texts"]
+    attempts = [
+        ("../", "'..' is not allowed"),
+        ("/etc", "not absolute"),
+        ("escape", "outside the data root"),
+        ("linked", "secret.txt is a link leading out of the data root"),
+    ]
+    for attempt, message in attempts:
         at.text_input(key="folder_text").input(attempt)
         at.button(key="build").click().run()
         assert not at.exception

@@ -13,9 +13,9 @@ from visions_core.errors import UnsafePathError, VisionsError
 from visions_core.uploads import (
     UploadLimitError,
     UploadLimits,
+    check_folder,
     confine,
     confine_to_roots,
-    count_files,
     dataset_root,
     extract_zip,
     list_folders,
@@ -266,8 +266,26 @@ def test_limits_are_read_from_settings_and_bad_values_are_explained():
 
 
 def test_oversized_server_folders_are_refused_before_building(tmp_path):
+    (tmp_path / "sub").mkdir()
     for i in range(4):
-        (tmp_path / f"{i}.txt").write_text("t")
-    assert count_files(tmp_path, limit=4) == 4
+        (tmp_path / ("sub" if i % 2 else ".") / f"{i}.txt").write_text("t")
+    assert check_folder(tmp_path, tmp_path, limit=4) == 4
     with pytest.raises(UploadLimitError, match="more than 3 files"):
-        count_files(tmp_path, limit=3)
+        check_folder(tmp_path, tmp_path, limit=3)
+
+
+def test_links_inside_a_server_folder_may_not_lead_out_of_the_root(root_with_links):
+    root, outside = root_with_links
+    cats = root / "photos" / "cats"
+    (cats / "cat.txt").write_text("a cat")
+    (cats / "same_cat.txt").symlink_to(cats / "cat.txt")
+    (cats / "back_up").symlink_to(root / "photos")  # a loop, but inside the root
+    (cats / "gone.txt").symlink_to(root / "missing.txt")
+    assert check_folder(cats, root, limit=10) == 2
+    (cats / "secret.txt").symlink_to(outside / "secret.txt")
+    with pytest.raises(UnsafePathError, match=r"secret\.txt is a link leading out of the data root"):
+        check_folder(cats, root, limit=10)
+    (cats / "secret.txt").unlink()
+    (cats / "elsewhere").symlink_to(outside)
+    with pytest.raises(UnsafePathError, match="elsewhere is a link"):
+        check_folder(cats, root, limit=10)

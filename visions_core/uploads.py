@@ -328,11 +328,41 @@ def list_folders(root: Path, *, max_depth: int = 2, limit: int = 500) -> list[st
     return found
 
 
-def count_files(folder: Path, *, limit: int) -> int:
-    """Count the files in a folder tree, refusing it as soon as there are more than limit."""
+def check_folder(folder: Path, root: Path, *, limit: int) -> int:
+    """Count the files a build of folder could read; refuse it past limit or if any link leads out of root."""
+    real_root = Path(root).resolve()
     count = 0
-    for _dirpath, _dirnames, filenames in os.walk(folder):
-        count += len(filenames)
-        if count > limit:
-            raise UploadLimitError(f"the folder holds more than {limit} files (the limit)")
+    start = os.stat(folder)
+    seen = {(start.st_dev, start.st_ino)}
+    stack = [Path(folder)]
+    while stack:
+        try:
+            entries = sorted(os.scandir(stack.pop()), key=lambda e: e.name)
+        except OSError:
+            continue  # the readers report unreadable folders as skipped, with the reason
+        for entry in entries:
+            path = Path(entry.path)
+            if entry.is_symlink():
+                try:
+                    target = path.resolve(strict=True)
+                except (OSError, RuntimeError):
+                    continue  # broken links and loops are skipped by the readers
+                if not target.is_relative_to(real_root):
+                    shown = path.relative_to(folder).as_posix()
+                    raise UnsafePathError(
+                        f"refused the folder: {shown} is a link leading out of the data root"
+                    )
+            try:
+                info = entry.stat()
+            except OSError:
+                continue
+            if stat.S_ISDIR(info.st_mode):
+                # Linked folders are followed once each, as the readers do, so loops end.
+                if (info.st_dev, info.st_ino) not in seen:
+                    seen.add((info.st_dev, info.st_ino))
+                    stack.append(path)
+                continue
+            count += 1
+            if count > limit:
+                raise UploadLimitError(f"the folder holds more than {limit} files (the limit)")
     return count
