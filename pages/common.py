@@ -76,7 +76,13 @@ def upload_limits() -> UploadLimits:
 
 def init_state() -> None:
     """Create the session keys every page relies on."""
-    defaults: dict[str, Any] = {"trail": [], "trail_index": None, "query_images": {}, "last_report": None}
+    defaults: dict[str, Any] = {
+        "trail": [],
+        "trail_index": None,
+        "query_images": {},
+        "last_report": None,
+        "gallery_last": {},
+    }
     for key, value in defaults.items():
         st.session_state.setdefault(key, value)
 

@@ -1,10 +1,13 @@
 """Search: rank an index by text, image, item or text+image, and walk from neighbour to neighbour."""
 
 import hashlib
+import io
 from pathlib import Path
 
 import streamlit as st
+from PIL import Image
 from streamlit.runtime.uploaded_file_manager import UploadedFile
+from streamlit_image_select import image_select
 
 from pages.common import (
     DEMO_INDEX,
@@ -26,6 +29,7 @@ MODES = ["Text", "Image", "Index item", "Text + image"]
 COLUMNS = 4
 MAX_TRAIL = 50
 MAX_ITEM_CHOICES = 5000
+GALLERY_SIZE = 24
 
 st.title("Search")
 indexes = {info.name: info for info in list_indexes()}
@@ -54,6 +58,28 @@ def back() -> None:
 def jump(position: int) -> None:
     """Return to an earlier query of the trail, forgetting the ones after it."""
     del st.session_state.trail[position + 1 :]
+
+
+def first_image(path: Path) -> Path | None:
+    """The image to show for an item: the file itself, or the first file in a mixed item's img/ folder."""
+    if path.is_file():
+        return path
+    images = sorted(p for p in (path / "img").glob("*") if p.is_file()) if path.is_dir() else []
+    return images[0] if images else None
+
+
+def picture_gallery(records: list) -> list[tuple[int, str, Image.Image]]:
+    """Up to GALLERY_SIZE (id, caption, thumbnail) of the index's image and mixed items, for image_select."""
+    index = get_index(name)
+    gallery = []
+    for record in records:
+        if record["kind"] == "text" or len(gallery) == GALLERY_SIZE:
+            continue
+        image = first_image(index.resolve(record["path"]))
+        data = thumbnail(str(image), image.stat().st_mtime) if image is not None else None
+        if data is not None:
+            gallery.append((record["id"], record["path"], Image.open(io.BytesIO(data))))
+    return gallery
 
 
 def label(query: dict) -> str:
@@ -148,7 +174,22 @@ elif mode == "Image":
                 key, image_name = remember_image(upload)
                 push({"kind": "image", "key": key, "name": image_name})
 elif mode == "Index item":
-    choices = {r["id"]: f"{r['path']} ({r['kind']})" for r in get_index(name).records(limit=MAX_ITEM_CHOICES)}
+    records = get_index(name).records(limit=MAX_ITEM_CHOICES)
+    gallery = picture_gallery(records)
+    if gallery:
+        picked = image_select(
+            "Click a picture to explore from it",
+            images=[image for _, _, image in gallery],
+            captions=[caption for _, caption, _ in gallery],
+            index=0,
+            return_value="index",
+            key=f"gallery_{name}",
+        )
+        # The component always reports a selection (the first, before any click): act only on a change.
+        if picked != st.session_state.gallery_last.get(name, 0):
+            st.session_state.gallery_last[name] = picked
+            push({"kind": "item", "item": gallery[picked][0]})
+    choices = {r["id"]: f"{r['path']} ({r['kind']})" for r in records}
     with st.form("item_form", border=False):
         choice = st.selectbox(
             "An item of the index", list(choices), key="query_item", format_func=choices.get
@@ -204,14 +245,6 @@ def run(query: dict, n: int) -> list:
     if query["kind"] == "image":
         return searcher.by_image(image, n=n)
     return searcher.by_text_and_image(query["text"], image, n=n)
-
-
-def first_image(path: Path) -> Path | None:
-    """The image to show for an item: the file itself, or the first file in a mixed item's img/ folder."""
-    if path.is_file():
-        return path
-    images = sorted(p for p in (path / "img").glob("*") if p.is_file()) if path.is_dir() else []
-    return images[0] if images else None
 
 
 def show_item(item_id: int, kind: str, path: str, caption: str, *, side_by_side: bool = False) -> None:

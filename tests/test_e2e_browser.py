@@ -115,6 +115,15 @@ def test_demo_text_query_then_a_click_walks_to_new_results(app_url, tmp_path):
             shot = tmp_path / "walk.png"
             page.screenshot(path=shot, full_page=False)
             assert shot.stat().st_size > 10_000
+
+            # The picture gallery (streamlit-image-select, in its own iframe) starts a walk with one click.
+            url_before = page.url
+            page.get_by_text("Index item", exact=True).click()
+            gallery = page.frame_locator("iframe[title*='image_select']")
+            gallery.locator(".image-box").nth(2).click(timeout=SLOW_MS)
+            page.wait_for_url(lambda url: url != url_before and "item=" in url, timeout=SLOW_MS)
+            third = wait_for_new_results(page, second)
+            assert third != second
             if os.environ.get("VISIONS_UPDATE_SCREENSHOT") == "1":
                 # Opt-in, so a test run never leaves the work tree changed.
                 shutil.copyfile(shot, ROOT / "docs" / "screenshot.png")

@@ -33,15 +33,15 @@ from visions_core.errors import (
 from visions_core.vectors import Matrix, Vector
 
 FORMAT_VERSION = 1
-# Measured with benchmarks/bench_index.py at 1M x 512 (top-10, one thread, busy 2-core box): 512-row
-# buckets took 2.3x one in-RAM numpy scan (per-bucket overhead, re-mapping), 4,096 and 16,384 rows 0.65x
-# (cache-sized products), 65,536 rows 0.71x. 16,384 keeps files and open maps few (64 per million rows).
+# Measured with benchmarks/bench_search.py at 1M x 512 (top-10 medians, one BLAS thread, busy 2-core box):
+# 16,384-row buckets took 1.04-1.07x one in-RAM numpy scan, 4,096 rows 1.12x, 512 rows 1.33x (3.3x when only
+# 256 maps were cached); 32 queries at once took half numpy's time. 16,384 also keeps files few (64 per 1M).
 DEFAULT_BUCKET_SIZE = 16384
 # Scores of this many (query, row) pairs are computed before one partial sort keeps the best n: few sorts
 # for a single query over many buckets, bounded memory for a large batch.
 SCORE_BUFFER = 1 << 22
-# Each memory map holds a file descriptor: keep a quarter of the process's allowance for cached maps (buckets
-# beyond are mapped per query, which cost 512-row buckets 3.3x at 1M rows when only 256 were kept).
+# Each memory map holds a file descriptor: a quarter of the process's allowance goes to cached maps; buckets
+# beyond are mapped anew per query.
 MAX_CACHED_MAPS = max(256, min(8192, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4))
 SNIPPET_CHARS = 200
 

@@ -469,7 +469,7 @@ def write_weights(
     digest = hashlib.sha256()
     for k in sorted(tensors):
         digest.update(k.encode())
-        digest.update(tensors[k].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(tensors[k].detach().cpu().contiguous().numpy().tobytes())
     now = datetime.now(UTC)
     card = {
         "aligner_id": f"vsepp-lite0-minilm-{now:%Y%m%d}-{digest.hexdigest()[:10]}",
