@@ -22,6 +22,7 @@ from visions_core.aligners import (
     read_card,
 )
 from visions_core.encoders import (
+    DECODE_MIN_SIDE,
     ImageEncoder,
     ImageSource,
     TextEncoder,
@@ -101,7 +102,8 @@ class Embedder:
         """Embed images given as paths, bytes or PIL images; UnreadableItemError if one won't decode."""
         if not len(images):
             return self._empty()
-        return self.embed_pixels(torch.stack([preprocess(load_image(img)) for img in images]))
+        pixels = [preprocess(load_image(img, min_side=DECODE_MIN_SIDE)) for img in images]
+        return self.embed_pixels(torch.stack(pixels))
 
     def embed_item(
         self, images: Sequence[ImageSource], texts: Sequence[str], strategy: MergeStrategy = "multimodal"

@@ -413,7 +413,7 @@ def _decode_image(data: bytes) -> Image.Image:
     if width * height > limit:
         raise UnreadableItemError(f"decompression bomb ({width}×{height} is over {limit:,} pixels)")
     try:
-        return encoders.load_image(data)
+        return encoders.load_image(data, min_side=encoders.DECODE_MIN_SIDE)
     except UnreadableItemError:
         raise
     except Exception as exc:
