@@ -202,7 +202,8 @@ def run_build(data: Path, name: str, **options: Any) -> BuildReport:
         )
     finally:
         refresh_indexes()
-    bar.progress(1.0, text=f"Done: {report.added} added in {report.seconds:.1f} s")
+    changed = f", {report.updated} updated" if report.updated else ""
+    bar.progress(1.0, text=f"Done: {report.added} added{changed} in {report.seconds:.1f} s")
     st.session_state["last_report"] = {"name": name, "report": report}
     return report
 
@@ -222,11 +223,12 @@ def build_demo_index() -> BuildReport:
 
 def show_report(report: BuildReport) -> None:
     """Summary metrics of a build and a table of skipped files with their reasons."""
-    cols = st.columns(4)
+    cols = st.columns(5)
     cols[0].metric("Added", report.added)
-    cols[1].metric("Already present", report.present)
-    cols[2].metric("Skipped", len(report.skipped))
-    cols[3].metric("Seconds", f"{report.seconds:.1f}")
+    cols[1].metric("Updated", report.updated, help="Already indexed, but the file's content changed")
+    cols[2].metric("Already present", report.present)
+    cols[3].metric("Skipped", len(report.skipped))
+    cols[4].metric("Seconds", f"{report.seconds:.1f}")
     if report.skipped:
         st.caption("Skipped files and why")
         table = pd.DataFrame([{"path": s.path, "reason": s.reason} for s in report.skipped])

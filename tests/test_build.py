@@ -10,6 +10,7 @@ from visions_core.encoders import preprocess
 from visions_core.errors import IndexExistsError, IndexMismatchError
 from visions_core.index import FlatIndex
 from visions_core.readers import item_at, load_item
+from visions_core.search import Searcher
 from visions_core.vectors import merge_vectors
 
 
@@ -107,6 +108,37 @@ def test_append_is_idempotent_and_adds_only_new_files(generated_dataset, embedde
         assert records[:12] == before and records[12]["path"] == "new.txt"
         np.testing.assert_array_equal(index_matrix(index)[:12], vectors)
         assert len({r["path"] for r in records}) == len(records) == 13
+
+
+def test_append_re_embeds_edited_files_in_place_and_ignores_touched_ones(generated_dataset, embedder):
+    import os
+
+    first = build_index(generated_dataset, embedder)
+    with FlatIndex.open(first.index_path) as index:
+        before = {r["path"]: r for r in index.records()}
+        vectors = index_matrix(index)
+    dog = generated_dataset / "dog.txt"
+    dog.write_text("A red sports car parked in a city street at night.", encoding="utf-8")
+    touched = generated_dataset / "img_03.png"
+    os.utime(touched, (touched.stat().st_atime, touched.stat().st_mtime + 100))
+
+    report = build_index(generated_dataset, embedder, mode="append")
+    assert (report.added, report.updated, report.present, report.skipped) == (0, 1, 11, [])
+    with FlatIndex.open(first.index_path) as index:
+        records = {r["path"]: r for r in index.records()}
+        assert len(index) == 12 and records.keys() == before.keys()
+        dog_id = records["dog.txt"]["id"]
+        assert dog_id == before["dog.txt"]["id"]
+        assert records["dog.txt"]["snippet"].startswith("A red sports car")
+        assert records["dog.txt"]["hash"] != before["dog.txt"]["hash"]
+        expected = embedder.embed_texts(["A red sports car parked in a city street at night."])[0]
+        np.testing.assert_allclose(index.get_vector(dog_id), expected, atol=1e-5)
+        others = [i for i in range(12) if i != dog_id]
+        np.testing.assert_array_equal(index_matrix(index)[others], vectors[others])
+        hits = Searcher(embedder, index).by_text("A red sports car parked in a city street at night.", n=1)
+        assert hits[0].path == "dog.txt" and hits[0].score == pytest.approx(1.0, abs=1e-4)
+    again = build_index(generated_dataset, embedder, mode="append")
+    assert (again.added, again.updated, again.present) == (0, 0, 12)
 
 
 def test_rebuild_starts_over_and_create_refuses_an_existing_index(generated_dataset, embedder):

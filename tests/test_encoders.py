@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from visions_core.encoders import (
+    DECODE_MIN_SIDE,
     IMAGE_FEATURE_DIM,
     IMAGE_SIZE,
     TEXT_FEATURE_DIM,
@@ -219,3 +220,19 @@ def test_fast_image_encoder_uses_onnx_on_cpu_unless_opted_out(image_encoder, mon
     monkeypatch.delenv("VISIONS_ONNX")
     assert fast_image_encoder(image_encoder, torch.device("cuda")) is image_encoder
     assert isinstance(fast_image_encoder(image_encoder, torch.device("cpu")), OnnxImageEncoder)
+
+
+def test_min_side_decodes_a_big_jpeg_smaller_with_the_same_model_input(tmp_path):
+    big = _gradient(2000, 1600).resize((2000, 1600))
+    path = _save(big, tmp_path / "big.jpg", quality=92)
+    full, reduced = load_image(path), load_image(path, min_side=DECODE_MIN_SIDE)
+    assert full.size == (2000, 1600)
+    assert min(reduced.size) >= DECODE_MIN_SIDE and reduced.size[0] < 2000
+    assert float((preprocess(full) - preprocess(reduced)).abs().mean()) < 0.01
+
+
+def test_min_side_leaves_non_jpeg_and_small_images_whole(tmp_path):
+    png = _save(_gradient(1200, 900), tmp_path / "big.png")
+    small = _save(_gradient(300, 200), tmp_path / "small.jpg")
+    assert load_image(png, min_side=DECODE_MIN_SIDE).size == (1200, 900)
+    assert load_image(small, min_side=DECODE_MIN_SIDE).size == (300, 200)

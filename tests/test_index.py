@@ -409,3 +409,25 @@ def test_data_root_outside_the_index_is_kept_absolute(tmp_path):
     assert FlatIndex.open(tmp_path / "indexes" / "one").resolve("a.jpg") == tmp_path / "d" / "a.jpg"
     with FlatIndex.create(tmp_path / "plain", dim=DIM, aligner_id="a") as index:
         assert index.data_root == tmp_path
+
+
+def test_replace_overwrites_an_items_vector_and_record_in_place_and_refuses_unknown_paths(tmp_path):
+    rng = np.random.default_rng(7)
+    vectors = rng.normal(size=(6, 8)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    records = [
+        {"path": f"item_{i}.txt", "kind": "text", "size": i, "mtime": 1.0, "hash": f"h{i}"} for i in range(6)
+    ]
+    with FlatIndex.create(tmp_path / "ix", dim=8, aligner_id="a", bucket_size=4) as index:
+        index.add(vectors, records)
+        fresh = -vectors[4]
+        assert index.replace(fresh, [{"path": "item_4.txt", "kind": "text", "size": 9, "hash": "new"}]) == [4]
+        assert len(index) == 6
+        np.testing.assert_allclose(index.get_vector(4), fresh, atol=1e-6)
+        np.testing.assert_array_equal(index.get_vector(5), vectors[5])
+        assert index.stamps()["item_4.txt"] == (9, None, "new")
+        assert index.search(fresh, n=1)[0].id == 4
+        with pytest.raises(ItemNotFoundError, match=r"item_9\.txt"):
+            index.replace(vectors[0], [{"path": "item_9.txt"}])
+    with FlatIndex.open(tmp_path / "ix") as reopened:
+        np.testing.assert_allclose(reopened.get_vector(4), fresh, atol=1e-6)

@@ -38,10 +38,11 @@ Progress = Callable[[int, int], None]
 
 @dataclass
 class BuildReport:
-    """What a build did: items added, already present, skipped (with reasons), seconds, the index path."""
+    """What a build did: items added, updated (content changed), already present, skipped, seconds."""
 
     index_path: Path
     added: int = 0
+    updated: int = 0
     present: int = 0
     skipped: list[Skipped] = field(default_factory=list)
     seconds: float = 0.0
@@ -102,7 +103,8 @@ def build_index(
     # An index in the default place is never data either, even while building one elsewhere.
     excluded = [target] + ([default_index_path(root)] if FlatIndex.exists(default_index_path(root)) else [])
     with _open_index(FlatIndex, target, root, embedder, mode, bucket_size) as index:
-        present = index.paths() if len(index) else set()
+        # What an append already holds: unchanged items are skipped, edited ones are embedded again.
+        stamps = index.stamps() if len(index) else {}
         total = readers.count(root, layout, recursive, exclude=excluded)
         if progress is not None:
             progress(0, total)
@@ -121,12 +123,23 @@ def build_index(
                 report.skipped.append(result)
                 tick()
                 return
+            stored = stamps.get(result.item.path)
+            if stored is not None and stored[2] == result.loaded.content_hash:
+                # Touched but not edited: nothing to embed.
+                report.present += 1
+                tick()
+                return
             report.skipped.extend(result.loaded.skipped)
             batch.append(result)
             if len(batch) >= batch_size:
-                report.added += _commit(index, embedder, batch, strategy)
-                tick(len(batch))
-                batch.clear()
+                flush()
+
+        def flush() -> None:
+            added, updated = _commit(index, embedder, batch, strategy, stamps)
+            report.added += added
+            report.updated += updated
+            tick(len(batch))
+            batch.clear()
 
         # Workers decode the next items while the main thread runs the model on the current batch; the
         # queue bound keeps memory at a few batches whatever the dataset size.
@@ -135,7 +148,7 @@ def build_index(
                 if isinstance(entry, Skipped):
                     report.skipped.append(entry)
                     tick()
-                elif entry.path in present:
+                elif entry.path in stamps and _unchanged(entry, stamps[entry.path]):
                     report.present += 1
                     tick()
                 else:
@@ -145,8 +158,7 @@ def build_index(
             while pending:
                 collect(pending.popleft().result())
         if batch:
-            report.added += _commit(index, embedder, batch, strategy)
-            tick(len(batch))
+            flush()
     # Listing-time and decoding-time skips arrive interleaved; sorted, the list reads the same every run.
     report.skipped.sort(key=lambda s: s.path)
     report.seconds = time.perf_counter() - started
@@ -208,8 +220,25 @@ def _prepare(item: Item) -> _Prepared | Skipped:
     return _Prepared(item, kind, loaded, pixels)
 
 
-def _commit(index: FlatIndex, embedder: Embedder, batch: list[_Prepared], strategy: MergeStrategy) -> int:
-    """Embed a batch (all images in one call, all texts in one call), merge per item and add to the index."""
+def _unchanged(item: Item, stored: tuple[int | None, float | None, str | None]) -> bool:
+    """True when the item's files still have the recorded size and modification time (a stat, no read)."""
+    try:
+        stats = [file.stat() for file in item.files]
+    except OSError:
+        return False
+    return stored[0] == sum(st.st_size for st in stats) and stored[1] == max(
+        (st.st_mtime for st in stats), default=0.0
+    )
+
+
+def _commit(
+    index: FlatIndex,
+    embedder: Embedder,
+    batch: list[_Prepared],
+    strategy: MergeStrategy,
+    stamps: dict[str, Any],
+) -> tuple[int, int]:
+    """Embed a batch (images in one call, texts in one call); add new items, replace edited ones."""
     vectors = np.stack(list(_item_vectors(embedder, batch, strategy)))
     records = [
         {
@@ -222,8 +251,20 @@ def _commit(index: FlatIndex, embedder: Embedder, batch: list[_Prepared], strate
         }
         for prep in batch
     ]
-    index.add(vectors, records, aligner_id=embedder.aligner_id)
-    return len(batch)
+    edited = np.array([prep.item.path in stamps for prep in batch])
+    if edited.any():
+        index.replace(
+            vectors[edited],
+            [r for r, e in zip(records, edited, strict=True) if e],
+            aligner_id=embedder.aligner_id,
+        )
+    if not edited.all():
+        index.add(
+            vectors[~edited],
+            [r for r, e in zip(records, edited, strict=True) if not e],
+            aligner_id=embedder.aligner_id,
+        )
+    return int((~edited).sum()), int(edited.sum())
 
 
 def _item_vectors(embedder: Embedder, batch: list[_Prepared], strategy: MergeStrategy) -> Iterator[Matrix]:

@@ -198,9 +198,10 @@ def _index_exists_error(index_path: Path) -> int:
 
 def _print_summary(report: BuildReport, verbose: bool) -> None:
     """The end-of-build lines: counts, skip reasons, and with verbose every skipped file."""
-    rate = report.added / report.seconds if report.seconds > 0 else 0.0
+    rate = (report.added + report.updated) / report.seconds if report.seconds > 0 else 0.0
     print(
-        f"added {report.added}, already present {report.present}, skipped {len(report.skipped)} "
+        f"added {report.added}, updated {report.updated}, already present {report.present}, "
+        f"skipped {len(report.skipped)} "
         f"in {report.seconds:.1f} s ({rate:.1f} items/s) -> {report.index_path}"
     )
     if report.skipped:

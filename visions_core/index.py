@@ -414,6 +414,74 @@ class FlatIndex:
 
         A record whose path is already indexed (or repeated in the batch) is skipped and gets the existing id.
         """
+        arr = self._checked_vectors(vectors, records, aligner_id)
+        rows = [self._row_values(rec) for rec in records]
+        with self._lock:
+            count = self._snapshot().count
+            known = self._ids_of_paths([r[0] for r in rows])
+            ids: list[int] = []
+            fresh: list[int] = []
+            for i, row in enumerate(rows):
+                if row[0] not in known:
+                    known[row[0]] = count + len(fresh)
+                    fresh.append(i)
+                ids.append(known[row[0]])
+            if fresh:
+                # Vectors first (fsynced), then the metadata in one transaction: a crash in between leaves
+                # rows past the committed count, which readers ignore and the next add overwrites.
+                self._write_vectors(count, arr[fresh])
+                bs = self._bucket_size
+                values = [
+                    (count + j, (count + j) // bs, (count + j) % bs, *rows[i]) for j, i in enumerate(fresh)
+                ]
+                self._transaction(f"INSERT INTO items ({_ITEM_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?)", values)
+        return ids
+
+    def replace(
+        self,
+        vectors: npt.ArrayLike,
+        records: Sequence[Mapping[str, Any]],
+        *,
+        aligner_id: str | None = None,
+    ) -> list[int]:
+        """Overwrite the vectors and records of items already indexed under the records' paths (kept ids).
+
+        Crash-safe like add: the new vectors are written (fsynced) before the metadata. A crash in between
+        leaves the new vector under the old content hash, so the next append sees the change again and
+        writes the same result.
+        """
+        arr = self._checked_vectors(vectors, records, aligner_id)
+        rows = [self._row_values(rec) for rec in records]
+        with self._lock:
+            known = self._ids_of_paths([r[0] for r in rows])
+            missing = [r[0] for r in rows if r[0] not in known]
+            if missing:
+                raise ItemNotFoundError(f"cannot replace {missing[0]!r}: no such path in {self.path}")
+            ids = [known[r[0]] for r in rows]
+            for item_id, vector in zip(ids, arr, strict=True):
+                self._write_vectors(item_id, vector[None, :])
+            self._transaction(
+                "UPDATE items SET kind = ?, size = ?, mtime = ?, hash = ?, snippet = ? WHERE id = ?",
+                [(*row[1:], item_id) for row, item_id in zip(rows, ids, strict=True)],
+            )
+        return ids
+
+    def _transaction(self, statement: str, values: Sequence[tuple[Any, ...]]) -> None:
+        """Run one statement over many rows in a single transaction (all or nothing)."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany(statement, values)
+            db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            raise
+
+    def _checked_vectors(
+        self, vectors: npt.ArrayLike, records: Sequence[Mapping[str, Any]], aligner_id: str | None
+    ) -> Matrix:
+        """Vectors as unit float32 rows, after refusing read-only handles, other aligners, shapes and NaNs."""
         if self._write_lock is None:
             raise IndexLockedError(
                 f"the index at {self.path} was opened read-only; open it with writable=True"
@@ -434,36 +502,7 @@ class FlatIndex:
         norms = np.linalg.norm(arr, axis=1, keepdims=True)
         if (norms < 1e-6).any():
             raise IndexMismatchError("a zero vector cannot be indexed (it has no direction)")
-        arr = arr / norms
-        rows = [self._row_values(rec) for rec in records]
-        with self._lock:
-            count = self._snapshot().count
-            known = self._ids_of_paths([r[0] for r in rows])
-            ids: list[int] = []
-            fresh: list[int] = []
-            for i, row in enumerate(rows):
-                if row[0] not in known:
-                    known[row[0]] = count + len(fresh)
-                    fresh.append(i)
-                ids.append(known[row[0]])
-            if fresh:
-                # Vectors first (fsynced), then the metadata in one transaction: a crash in between leaves
-                # rows past the committed count, which readers ignore and the next add overwrites.
-                self._write_vectors(count, arr[fresh])
-                bs = self._bucket_size
-                values = [
-                    (count + j, (count + j) // bs, (count + j) % bs, *rows[i]) for j, i in enumerate(fresh)
-                ]
-                db = self._db
-                db.execute("BEGIN IMMEDIATE")
-                try:
-                    db.executemany(f"INSERT INTO items ({_ITEM_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?)", values)
-                    db.execute("COMMIT")
-                except BaseException:
-                    with contextlib.suppress(sqlite3.Error):
-                        db.execute("ROLLBACK")
-                    raise
-        return ids
+        return arr / norms
 
     def _row_values(self, record: Mapping[str, Any]) -> tuple[Any, ...]:
         if "path" not in record:
@@ -582,6 +621,14 @@ class FlatIndex:
         """Every indexed path (data-root-relative), e.g. to skip them before embedding during an append."""
         with self._lock:
             return {row[0] for row in self._db.execute("SELECT path FROM items")}
+
+    def stamps(self) -> dict[str, tuple[int | None, float | None, str | None]]:
+        """(size, mtime, content hash) of every indexed path, to tell unchanged items from edited ones."""
+        with self._lock:
+            return {
+                row[0]: (row[1], row[2], row[3])
+                for row in self._db.execute("SELECT path, size, mtime, hash FROM items")
+            }
 
     def records(self, offset: int = 0, limit: int | None = None) -> list[ItemRecord]:
         """Metadata rows in id order, from offset, at most limit of them."""

@@ -181,8 +181,8 @@ class Config:
     hidden: int = 0
     image_from: int | None = None  # first Lite0 block fine-tuned; None = frozen pooled features
     text_from: int | None = None  # first MiniLM layer fine-tuned; None = frozen pooled features
-    epochs: int = 20
-    warmup_epochs: int = 2  # sum-of-hinges epochs before VSE++ max-of-hinges
+    epochs: int = 4
+    warmup_epochs: int = 1  # sum-of-hinges epochs before VSE++ max-of-hinges
     batch_size: int = 128
     lr: float = 5e-4
     backbone_lr: float = 5e-5
@@ -538,7 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--captions-per-image", type=int, default=d.captions_per_image)
     p.add_argument("--variants", nargs="+", default=list(d.variants), choices=VARIANTS)
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: bit-exact shipped weights)")
     return p
 
 
