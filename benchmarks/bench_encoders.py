@@ -41,10 +41,11 @@ def image_recipes(batch: object, use_compile: bool, use_bf16: bool) -> dict[str,
     """Zero-argument forward calls of the image encoder, one per recipe, all over the same batch."""
     import torch
 
-    from visions_core.encoders import ImageEncoder, OnnxImageEncoder
+    from visions_core.encoders import ImageEncoder, OnnxEncoder, fast_encoder
 
     eager = ImageEncoder().eval()
-    onnx = OnnxImageEncoder(eager)
+    onnx = fast_encoder(eager, torch.device("cpu"))
+    assert isinstance(onnx, OnnxEncoder), "onnxruntime is not installed"
     last = batch.contiguous(memory_format=torch.channels_last)
     cl_model = ImageEncoder(eager.net).to(memory_format=torch.channels_last).eval()
     with torch.inference_mode():
@@ -72,16 +73,19 @@ def text_recipes(texts: list[str], use_compile: bool, use_bf16: bool) -> dict[st
     """Zero-argument forward calls of the text encoder, one per recipe, on the same tokenised captions."""
     import torch
 
-    from visions_core.encoders import TextEncoder
+    from visions_core.encoders import OnnxEncoder, TextEncoder, fast_encoder
 
     eager = TextEncoder().eval()
     tokens = eager.tokenize(texts)
+    onnx = fast_encoder(eager, torch.device("cpu"))
+    assert isinstance(onnx, OnnxEncoder), "onnxruntime is not installed"
     int8 = TextEncoder().eval()
     # Dynamic int8 quantises the Linear layers, which hold almost all of MiniLM's compute.
     int8.model = torch.ao.quantization.quantize_dynamic(int8.model, {torch.nn.Linear}, dtype=torch.qint8)
     recipes: dict[str, Recipe] = {
         "eager fp32": lambda: eager(tokens),
         "dynamic int8 (Linear)": lambda: int8(tokens),
+        "onnxruntime": lambda: onnx(tokens),
         "tokenize + eager fp32": lambda: eager(eager.tokenize(texts)),
     }
     if use_compile:

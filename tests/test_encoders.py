@@ -13,9 +13,9 @@ from visions_core.encoders import (
     IMAGE_SIZE,
     TEXT_FEATURE_DIM,
     ImageEncoder,
-    OnnxImageEncoder,
+    OnnxEncoder,
     TextEncoder,
-    fast_image_encoder,
+    fast_encoder,
     load_image,
     mean_pool,
     preprocess,
@@ -204,7 +204,8 @@ def test_text_encoder_truncates_long_texts(text_encoder):
 
 
 def test_onnx_image_encoder_gives_the_pytorch_features_at_any_batch_size(image_encoder):
-    onnx = OnnxImageEncoder(image_encoder)
+    onnx = fast_encoder(image_encoder, torch.device("cpu"))
+    assert isinstance(onnx, OnnxEncoder)
     x = torch.stack([preprocess(_gradient()), preprocess(Image.new("RGB", (50, 50), (0, 128, 0)))] * 2)
     with torch.inference_mode():
         expected = image_encoder(x)
@@ -214,12 +215,25 @@ def test_onnx_image_encoder_gives_the_pytorch_features_at_any_batch_size(image_e
             assert torch.allclose(got, expected[:n], atol=1e-4)
 
 
-def test_fast_image_encoder_uses_onnx_on_cpu_unless_opted_out(image_encoder, monkeypatch):
+def test_onnx_text_encoder_gives_the_pytorch_features_for_any_padding(text_encoder):
+    onnx = fast_encoder(text_encoder, torch.device("cpu"))
+    assert isinstance(onnx, OnnxEncoder)
+    texts = ["a dog", "two children in red shirts play football on a sandy beach", "word " * 600]
+    with torch.inference_mode():
+        for count in (3, 2, 1):
+            batch = text_encoder.tokenize(texts[:count])
+            # Exporting must leave the PyTorch module as it was: compare after, not before.
+            expected = text_encoder(batch)
+            got = onnx(batch)
+            assert got.shape == expected.shape == (len(batch["input_ids"]), TEXT_FEATURE_DIM)
+            assert torch.allclose(got, expected, atol=1e-4)
+
+
+def test_fast_encoder_uses_onnx_on_cpu_unless_opted_out(image_encoder, monkeypatch):
     monkeypatch.setenv("VISIONS_ONNX", "0")
-    assert fast_image_encoder(image_encoder, torch.device("cpu")) is image_encoder
+    assert fast_encoder(image_encoder, torch.device("cpu")) is image_encoder
     monkeypatch.delenv("VISIONS_ONNX")
-    assert fast_image_encoder(image_encoder, torch.device("cuda")) is image_encoder
-    assert isinstance(fast_image_encoder(image_encoder, torch.device("cpu")), OnnxImageEncoder)
+    assert fast_encoder(image_encoder, torch.device("cuda")) is image_encoder
 
 
 def test_min_side_decodes_a_big_jpeg_smaller_with_the_same_model_input(tmp_path):

@@ -9,7 +9,7 @@ import torch
 from visions_core.aligners import WEIGHTS_FILE, load_weights
 from visions_core.embedder import load_embedder
 from visions_core.evaluate import read_split
-from visions_core.train import Config, build_cache, build_parser, main, train, vse_loss
+from visions_core.train import Config, Inputs, build_cache, build_parser, main, train, vse_loss, write_weights
 
 
 def test_loss_is_zero_when_every_pair_beats_its_negatives_by_the_margin():
@@ -78,8 +78,6 @@ def test_fine_tuned_layers_ship_and_index_time_matches_train_time(tiny_data, tmp
     cache = build_cache(tiny_data, tmp_path / "cache", ["orig", "flip"])
     cfg = Config(image_from=14, text_from=5, epochs=1, warmup_epochs=0, batch_size=16, backbone_lr=1e-3)
     model, _, _ = train(cfg, cache, log=lambda _: None)
-    from visions_core.train import write_weights
-
     write_weights(tmp_path / "w", model, cfg, {"i2t": {}, "t2i": {}}, [], tiny_data, cache["n_train"])
     _, tensors = load_weights(tmp_path / "w")
     tuned = [k for k in tensors if k.startswith(("image_encoder.", "text_encoder."))]
@@ -91,7 +89,8 @@ def test_fine_tuned_layers_ship_and_index_time_matches_train_time(tiny_data, tmp
     embedder = load_embedder(tmp_path / "w")
     dev = cache["names"][cache["n_train"] :]
     with torch.inference_mode():
-        trained_img = model.encode_images(cache["imgs"]["orig"]["act"][cache["n_train"] :].float()).numpy()
+        inputs = Inputs(cfg, cache, *cache["encoders"])
+        trained_img = model.encode_images(inputs.image["orig"][cache["n_train"] :]).numpy()
     served_img = embedder.embed_images([tiny_data / "images" / n for n in dev])
     # Same preprocessing and weights at index time: only fp16 storage separates the two.
     assert np.min(np.sum(trained_img * served_img, axis=1)) > 0.99

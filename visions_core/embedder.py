@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from visions_core.aligners import (
+    CARD_FILE,
     DEFAULT_WEIGHTS_DIR,
     WEIGHTS_FILE,
     Aligner,
@@ -26,7 +27,7 @@ from visions_core.encoders import (
     ImageEncoder,
     ImageSource,
     TextEncoder,
-    fast_image_encoder,
+    fast_encoder,
     load_image,
     pick_device,
     preprocess,
@@ -60,8 +61,9 @@ class Embedder:
         self.dim: int = int(card["dim"])
         # One model, many Streamlit sessions: torch modules are not re-entrant, so calls take turns.
         self._lock = threading.Lock()
-        # Made on first image call: the ONNX export takes seconds that text-only users need not pay.
+        # ONNX Runtime copies, made on first use: each export takes seconds that not every caller needs.
         self._image_forward: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self._text_forward: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None
 
     def __repr__(self) -> str:
         return f"Embedder(aligner_id={self.aligner_id!r}, dim={self.dim}, device={self.device})"
@@ -77,10 +79,12 @@ class Embedder:
             return self._empty()
         rows = []
         with self._lock, torch.inference_mode():
+            if self._text_forward is None:
+                self._text_forward = fast_encoder(self.text_encoder, self.device)
             for start in range(0, len(texts), TEXT_BATCH):
                 batch = self.text_encoder.tokenize([str(t) for t in texts[start : start + TEXT_BATCH]])
                 batch = {k: v.to(self.device) for k, v in batch.items()}
-                rows.append(self.text_aligner(self.text_encoder(batch)).cpu())
+                rows.append(self.text_aligner(self._text_forward(batch)).cpu())
         return _as_matrix(torch.cat(rows))
 
     def embed_pixels(self, batch: torch.Tensor) -> Matrix:
@@ -92,7 +96,7 @@ class Embedder:
         rows = []
         with self._lock, torch.inference_mode():
             if self._image_forward is None:
-                self._image_forward = fast_image_encoder(self.image_encoder, self.device)
+                self._image_forward = fast_encoder(self.image_encoder, self.device)
             for start in range(0, batch.shape[0], IMAGE_BATCH):
                 pixels = batch[start : start + IMAGE_BATCH].to(self.device, torch.float32)
                 rows.append(self.image_aligner(self._image_forward(pixels)).cpu())
@@ -142,8 +146,8 @@ def apply_finetuned(module: nn.Module, tensors: dict[str, torch.Tensor], prefix:
 
 
 @functools.lru_cache(maxsize=4)
-def _load_cached(weights_dir: Path, stamp: tuple[int, int], device: str) -> Embedder:
-    """Build an Embedder for one version of one weights folder (stamp = weights file mtime and size)."""
+def _load_cached(weights_dir: Path, stamp: tuple[int, ...], device: str) -> Embedder:
+    """Build an Embedder for one version of one weights folder (stamp = modification times of its files)."""
     card, tensors = load_weights(weights_dir)
     source = weights_dir / WEIGHTS_FILE
     base_image, base_text = _base_encoders()
@@ -174,7 +178,7 @@ def load_embedder(
     path = path.expanduser().resolve()
     read_card(path)
     try:
-        st = (path / WEIGHTS_FILE).stat()
+        stamp = tuple((path / name).stat().st_mtime_ns for name in (WEIGHTS_FILE, CARD_FILE))
     except FileNotFoundError as exc:
         raise WeightsError(f"weights file not found: {path / WEIGHTS_FILE}") from exc
-    return _load_cached(path, (st.st_mtime_ns, st.st_size), str(pick_device(device)))
+    return _load_cached(path, stamp, str(pick_device(device)))

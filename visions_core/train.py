@@ -472,7 +472,7 @@ def write_weights(
         digest.update(tensors[k].detach().cpu().contiguous().numpy().tobytes())
     now = datetime.now(UTC)
     card = {
-        "aligner_id": f"vsepp-lite0-minilm-{now:%Y%m%d}-{digest.hexdigest()[:10]}",
+        "aligner_id": f"vsepp-lite0-minilm-{digest.hexdigest()[:12]}",
         "dim": cfg.dim,
         "image_aligner": model.image_aligner.config(),
         "text_aligner": model.text_aligner.config(),
