@@ -68,7 +68,7 @@ def test_build_prints_a_summary_and_refuses_to_overwrite_without_a_mode(built, c
     assert code == 1 and out == ""
     assert err.count("\n") == 1 and "--append" in err and "--rebuild" in err and "Traceback" not in err
     code, out, _ = run(capsys, "build_index", "--data_dir", built, "--append")
-    assert code == 0 and out.startswith("added 0, already present 12, skipped 0 in ")
+    assert code == 0 and out.startswith("added 0, updated 0, already present 12, skipped 0 in ")
 
 
 def test_build_summary_counts_skips_per_reason_and_verbose_lists_the_files(
@@ -81,7 +81,7 @@ def test_build_summary_counts_skips_per_reason_and_verbose_lists_the_files(
     code, out, _ = run(capsys, "build_index", "--data_dir", generated_dataset)
     assert code == 0
     lines = out.splitlines()
-    assert lines[0].startswith("added 12, already present 0, skipped 4 in ")
+    assert lines[0].startswith("added 12, updated 0, already present 0, skipped 4 in ")
     assert lines[1] == (
         "skipped: 2 empty file, 1 empty text, 1 not an image or text (--verbose lists the files)"
     )
@@ -103,7 +103,7 @@ def test_recursive_build_reads_sub_folders_and_a_second_builder_is_told_the_inde
     code, out, _ = run(capsys, "build_index", "--data_dir", generated_dataset)
     assert code == 0 and out.startswith("added 12,")
     code, out, _ = run(capsys, "build_index", "--data_dir", generated_dataset, "--append", "--recursive")
-    assert code == 0 and out.startswith("added 1, already present 12,")
+    assert code == 0 and out.startswith("added 1, updated 0, already present 12,")
     with FlatIndex.open(generated_dataset / "index", writable=True):
         code, out, err = run(capsys, "build_index", "--data_dir", generated_dataset, "--rebuild")
     assert code == 1 and out == "" and err.startswith("error: index is locked by pid ")
@@ -225,7 +225,7 @@ def test_main_py_and_python_m_run_the_same_program_end_to_end(generated_dataset,
     index = tmp_path / "elsewhere" / "index"
     built = python("main.py", "build_index", "--data_dir", str(generated_dataset), "--index_path", str(index))
     assert built.returncode == 0, built.stderr
-    assert built.stdout.startswith("added 12, already present 0, skipped 0")
+    assert built.stdout.startswith("added 12, updated 0, already present 0, skipped 0")
     assert "items/s" in built.stderr  # the tqdm progress bar
     found = python(
         "-m", "visions_core", "infer", "--index_path", str(index), "--query_index_id", "0", "--json"
@@ -275,7 +275,8 @@ def test_a_build_killed_with_sigkill_resumes_with_append_without_duplicates(tmp_
         index.get_vector(killed_at - 1)  # metadata and vectors agree up to the last committed row
     resumed = python("main.py", "build_index", "--data_dir", str(data), "--append", timeout=300)
     assert resumed.returncode == 0, resumed.stderr
-    assert resumed.stdout.startswith(f"added {80 - killed_at}, already present {killed_at}, skipped 0")
+    expected = f"added {80 - killed_at}, updated 0, already present {killed_at}, skipped 0"
+    assert resumed.stdout.startswith(expected)
     with FlatIndex.open(index_path) as index:
         paths = [r["path"] for r in index.records()]
     assert len(paths) == 80 and sorted(paths) == sorted(p.name for p in data.glob("*.png"))
