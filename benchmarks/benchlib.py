@@ -67,9 +67,9 @@ def captions(tsv: Path, limit: int) -> list[str]:
     found: list[str] = []
     with tsv.open(encoding="utf-8", newline="") as handle:
         for row in csv.DictReader(handle, delimiter="\t"):
-            found.append(row["caption"])
             if len(found) >= limit:
                 break
+            found.append(row["caption"])
     return found
 
 

@@ -6,7 +6,7 @@ import copy
 import io
 import os
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,6 @@ PIXEL_STD = (0.5, 0.5, 0.5)
 IMAGE_MODEL = "efficientnet-lite0"
 IMAGE_FEATURE_DIM = 1280
 TEXT_FEATURE_DIM = 384
-# Lite0 block index whose output is cached for training: blocks after it can be fine-tuned.
 MAX_IMAGE_PIXELS = 100_000_000
 # JPEGs to be embedded decode at no less than twice the model input, so the antialiased resize still sees all
 # the detail it keeps; an 8-megapixel photo then decodes ~7x faster (benchmarks/README.md).
@@ -319,9 +318,3 @@ class TextEncoder(nn.Module):
         """Mean-pooled 384-d features of a tokenised batch."""
         out = self.model(**batch)
         return mean_pool(out.last_hidden_state, batch["attention_mask"])
-
-
-def batched(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
-    """Consecutive slices of at most `size` items."""
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
