@@ -18,7 +18,7 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-from benchlib import FLICKR_DIR, captions, image_files, interleaved_ms, print_table
+from benchlib import captions, image_files, interleaved_ms, parser_with_inputs, print_table
 
 Recipe = Callable[[], object]
 
@@ -61,12 +61,7 @@ def image_recipes(batch: object, use_compile: bool, use_bf16: bool) -> dict[str,
         "jit optimize_for_inference": lambda: optimized(batch),
         "onnxruntime": lambda: onnx(batch),
     }
-    if use_compile:
-        compiled = torch.compile(eager)
-        recipes["torch.compile"] = lambda: compiled(batch)
-    if use_bf16:
-        recipes["bf16 autocast"] = lambda: _bf16(lambda: eager(batch))
-    return recipes
+    return with_opt_in(recipes, eager, batch, use_compile, use_bf16)
 
 
 def text_recipes(texts: list[str], use_compile: bool, use_bf16: bool) -> dict[str, Recipe]:
@@ -88,19 +83,26 @@ def text_recipes(texts: list[str], use_compile: bool, use_bf16: bool) -> dict[st
         "onnxruntime": lambda: onnx(tokens),
         "tokenize + eager fp32": lambda: eager(eager.tokenize(texts)),
     }
-    if use_compile:
-        compiled = torch.compile(eager)
-        recipes["torch.compile"] = lambda: compiled(tokens)
-    if use_bf16:
-        recipes["bf16 autocast"] = lambda: _bf16(lambda: eager(tokens))
-    return recipes
+    return with_opt_in(recipes, eager, tokens, use_compile, use_bf16)
 
 
-def _bf16(fn: Recipe) -> object:
+def with_opt_in(
+    recipes: dict[str, Recipe], eager: object, inputs: object, use_compile: bool, use_bf16: bool
+) -> dict[str, Recipe]:
+    """Add the torch.compile and bf16 recipes when asked (both take minutes on this kind of machine)."""
     import torch
 
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        return fn().float()
+    if use_compile:
+        compiled = torch.compile(eager)
+        recipes["torch.compile"] = lambda: compiled(inputs)
+    if use_bf16:
+
+        def bf16() -> object:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return eager(inputs).float()
+
+        recipes["bf16 autocast"] = bf16
+    return recipes
 
 
 def measure(encoder: str, recipes: dict[str, Recipe], items: int, repeats: int) -> list[dict[str, object]]:
@@ -129,11 +131,7 @@ def measure(encoder: str, recipes: dict[str, Recipe], items: int, repeats: int) 
 
 def build_parser() -> argparse.ArgumentParser:
     """Command-line options of this benchmark."""
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--images", type=Path, default=FLICKR_DIR / "images", help="folder of real images")
-    parser.add_argument("--captions", type=Path, default=FLICKR_DIR / "captions.tsv", help="captions.tsv")
+    parser = parser_with_inputs(__doc__)
     parser.add_argument("--batch", type=int, default=32, help="items per forward call (default %(default)s)")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per recipe (default %(default)s)")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's)")

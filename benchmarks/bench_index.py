@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from benchlib import FLICKR_DIR, captions, image_files, print_table, reset_peak_rss, rss_mb
+from benchlib import captions, image_files, parser_with_inputs, print_table, reset_peak_rss, rss_mb
 
 
 def timed_s(fn: Callable[[], object]) -> float:
@@ -55,11 +55,7 @@ def build_once(data_dir: Path, index_path: Path, embedder: object, batch_size: i
 
 def build_parser() -> argparse.ArgumentParser:
     """Command-line options of this benchmark."""
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--images", type=Path, default=FLICKR_DIR / "images", help="folder of real images")
-    parser.add_argument("--captions", type=Path, default=FLICKR_DIR / "captions.tsv", help="captions.tsv")
+    parser = parser_with_inputs(__doc__)
     parser.add_argument("--limit", type=int, default=256, help="images to index (default %(default)s)")
     parser.add_argument("--texts", type=int, default=1024, help="captions to index (default %(default)s)")
     parser.add_argument("--batch-size", type=int, default=32, help="build batch size (default %(default)s)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import os
 import statistics
@@ -87,3 +88,11 @@ def print_table(rows: Sequence[Mapping[str, object]], cols: Sequence[str]) -> No
     print("  ".join(c.rjust(w) for c, w in zip(cols, widths, strict=True)))
     for r in cells:
         print("  ".join(v.rjust(w) for v, w in zip(r, widths, strict=True)))
+
+
+def parser_with_inputs(doc: str | None) -> argparse.ArgumentParser:
+    """An argument parser with the --images and --captions options of the model benchmarks."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=Path, default=FLICKR_DIR / "images", help="folder of real images")
+    parser.add_argument("--captions", type=Path, default=FLICKR_DIR / "captions.tsv", help="captions.tsv")
+    return parser

@@ -153,7 +153,7 @@ def load_data(data_dir: Path) -> tuple[dict[str, list[str]], list[str], list[str
     return captions, train, dev
 
 
-def build_cache(data_dir: Path, cache_dir: Path, variants: Sequence[str] = ("orig",)) -> dict[str, Any]:
+def build_cache(data_dir: Path, cache_dir: Path, variants: Sequence[str] = VARIANTS) -> dict[str, Any]:
     """Compute (or load) every cached feature that training needs."""
     captions, train, dev = load_data(data_dir)
     names = train + dev
@@ -190,7 +190,7 @@ class Config:
     margin: float = 0.2
     captions_per_image: int = 5  # pairs per train image per epoch
     seed: int = 0
-    variants: tuple[str, ...] = ("orig",)  # add "flip" for mirrored copies (doubles the cache)
+    variants: tuple[str, ...] = VARIANTS  # cached copies of each image: as is and mirrored
 
 
 def vse_loss(im: torch.Tensor, txt: torch.Tensor, margin: float, max_violation: bool) -> torch.Tensor:
