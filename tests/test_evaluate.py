@@ -110,3 +110,14 @@ def test_command_help_runs_in_a_fresh_process():
         [sys.executable, "-m", "visions_core.evaluate", "--help"], capture_output=True, text=True, check=True
     )
     assert "--captions" in done.stdout and "--split" in done.stdout and "--json" in done.stdout
+
+
+@pytest.mark.slow
+def test_shipped_weights_meet_the_quality_bar_on_the_whole_dev_split(flickr_dir, capsys, embedder):
+    argv = ["--images", str(flickr_dir / "images"), "--captions", str(flickr_dir / "captions.tsv")]
+    assert main([*argv, "--split", str(flickr_dir / "splits" / "dev.txt"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (result["images"], result["captions"]) == (1000, 5000)
+    # The product's promise (issue 3): text->image R@1 >= 20 and image->text R@1 >= 27 on dev.
+    assert result["t2i"]["r1"] >= 20, result
+    assert result["i2t"]["r1"] >= 27, result
