@@ -57,6 +57,11 @@ def load_image(source: ImageSource, min_side: int | None = None) -> Image.Image:
             img = Image.open(io.BytesIO(source))
         else:
             img = Image.open(Path(source))
+        # Pillow only refuses above twice its limit (it merely warns below): enforce the limit itself.
+        if img.width * img.height > MAX_IMAGE_PIXELS:
+            raise UnreadableItemError(
+                f"decompression bomb ({img.width}×{img.height} is over {MAX_IMAGE_PIXELS:,} pixels)"
+            )
         img.seek(0)
         if min_side and not isinstance(source, Image.Image):
             img.draft(None, (min_side, min_side))
@@ -68,7 +73,7 @@ def load_image(source: ImageSource, min_side: int | None = None) -> Image.Image:
     except UnidentifiedImageError as exc:
         raise UnreadableItemError("not a recognised image format") from exc
     except Image.DecompressionBombError as exc:
-        raise UnreadableItemError(f"image too large (over {MAX_IMAGE_PIXELS} pixels)") from exc
+        raise UnreadableItemError(f"decompression bomb (over {MAX_IMAGE_PIXELS:,} pixels)") from exc
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise UnreadableItemError(f"cannot decode image: {exc}") from exc
 
@@ -243,8 +248,9 @@ def fast_encoder(encoder: ImageEncoder | TextEncoder, device: torch.device) -> C
             return OnnxEncoder(encoder, example, axes, dict_input=True)
         pixels = {"pixels": torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE)}
         return OnnxEncoder(encoder, pixels, {"pixels": {0: "n"}}, dict_input=False)
-    except Exception:
+    except Exception as exc:
         # No onnxruntime/onnx, or an export the runtime refuses: PyTorch computes the same features, slower.
+        warnings.warn(f"ONNX Runtime unavailable ({type(exc).__name__}: {exc}); using PyTorch", stacklevel=2)
         return encoder
 
 

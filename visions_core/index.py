@@ -736,9 +736,12 @@ class FlatIndex:
             hit = excluded[(excluded >= start) & (excluded < stop)] - start
             if hit.size:
                 scores[:, hit] = -np.inf
-            ids = np.broadcast_to(np.arange(start, stop, dtype=np.int64), scores.shape)
+            # Partial sort of this group alone, then merge its n best with the n kept so far.
+            columns = _best_columns(scores, n)
             best_ids, best_scores = _keep_best(
-                np.concatenate([best_ids, ids], axis=1), np.concatenate([best_scores, scores], axis=1), n
+                np.concatenate([best_ids, columns + start], axis=1),
+                np.concatenate([best_scores, np.take_along_axis(scores, columns, axis=1)], axis=1),
+                n,
             )
         order = np.lexsort((best_ids, -best_scores), axis=1)
         return np.take_along_axis(best_ids, order, axis=1), np.take_along_axis(best_scores, order, axis=1)
@@ -774,11 +777,16 @@ class FlatIndex:
         self.close()
 
 
+def _best_columns(scores: npt.NDArray[np.float32], n: int) -> npt.NDArray[np.int64]:
+    """Column indices of the n highest scores per row (unordered), by partial sort."""
+    if scores.shape[1] <= n:
+        return np.broadcast_to(np.arange(scores.shape[1], dtype=np.int64), scores.shape)
+    return np.argpartition(-scores, n - 1, axis=1)[:, :n].astype(np.int64, copy=False)
+
+
 def _keep_best(
     ids: npt.NDArray[np.int64], scores: npt.NDArray[np.float32], n: int
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
-    """The n highest-scoring columns per row (unordered), by partial sort."""
-    if scores.shape[1] <= n:
-        return ids, scores
-    part = np.argpartition(-scores, n - 1, axis=1)[:, :n]
-    return np.take_along_axis(ids, part, axis=1), np.take_along_axis(scores, part, axis=1)
+    """The n highest-scoring (id, score) columns per row (unordered)."""
+    columns = _best_columns(scores, n)
+    return np.take_along_axis(ids, columns, axis=1), np.take_along_axis(scores, columns, axis=1)

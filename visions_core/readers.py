@@ -5,7 +5,6 @@ from __future__ import annotations
 import codecs
 import errno
 import hashlib
-import io
 import os
 import stat
 from collections.abc import Iterable, Iterator
@@ -396,22 +395,12 @@ def _read_bytes(path: Path) -> tuple[bytes, os.stat_result]:
 
 
 def _decode_image(data: bytes) -> Image.Image:
-    """Decode image bytes to RGB through the engine's loader, with an explicit pixel-count guard."""
+    """Decode image bytes to RGB through the engine's loader (which also refuses decompression bombs)."""
     # Imported here so that listing a folder (and the CLI's argument checks) never pays for loading torch.
     from visions_core import encoders
 
     if not data:
         raise UnreadableItemError("empty file")
-    limit = encoders.MAX_IMAGE_PIXELS
-    try:
-        with Image.open(io.BytesIO(data)) as probe:
-            width, height = probe.size
-    except Image.DecompressionBombError as exc:
-        raise UnreadableItemError(f"decompression bomb (over {limit:,} pixels)") from exc
-    except Exception:
-        width = height = 0  # the loader below names the problem
-    if width * height > limit:
-        raise UnreadableItemError(f"decompression bomb ({width}×{height} is over {limit:,} pixels)")
     try:
         return encoders.load_image(data, min_side=encoders.DECODE_MIN_SIDE)
     except UnreadableItemError:
